@@ -1,0 +1,1131 @@
+"""DINO: self-distillation with no labels, in one file that follows the paper.
+
+Caron, Touvron, Misra, Jégou, Mairal, Bojanowski, Joulin. "Emerging Properties in
+Self-Supervised Vision Transformers", ICCV 2021, arXiv:2104.14294. Authors' code:
+github.com/facebookresearch/dino. Where this file knowingly differs from that code, a comment says so.
+
+A student network g_θs and a teacher g_θt (same architecture, a ViT backbone plus a projection
+head) each turn an image view into a probability distribution over K dimensions. The student
+sees 2 global and several local views of an image, the teacher only the 2 global ones, and the
+student learns to predict the teacher's distribution for every other view. The teacher is an
+exponential moving average of the student; centering and sharpening its output keep the two
+from collapsing to a constant.
+
+The file reads in the paper's order:
+  0. hyperparameters            4. teacher EMA
+  1. data                       5. schedules
+  2. multi-crop augmentation    6. training loop (+ checkpoints, log, k-NN monitor)
+  3. head and loss              7. command line
+
+Run:  python dino.py                      (built-in `shapes` data set, ~5 minutes on a laptop CPU)
+      python dino.py --data ./cifar10     (CIFAR-10, downloaded there if missing)
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pickle
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+import vit
+from knn_eval import extract_features, knn_accuracy
+
+
+class DinoError(Exception):
+    """A problem with the user's input; the command line prints its message on one line."""
+
+
+# ------------------------------------------------------------------------------------------------
+# 0. Hyperparameters. The defaults are the paper's ImageNet values (tests/test_dino.py pins them);
+#    `preset_for()` swaps in sizes that suit small images. Every field is a command-line flag.
+# ------------------------------------------------------------------------------------------------
+
+def knob(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    data: str = knob("shapes", "'shapes' (built in, no files), a CIFAR-10 folder, or an image "
+                               "folder with train/<class>/ and val/ or test/")
+    output_dir: str = knob("", "where checkpoint.pth and log.jsonl go (default: runs/<data name>)")
+    # backbone
+    arch: str = knob("vit_small", "backbone: vit_nano | vit_tiny | vit_small | vit_base")
+    patch_size: int = knob(16, "ViT patch size p in pixels")
+    drop_path_rate: float = knob(0.1, "stochastic depth of the student (the teacher has none)")
+    # projection head g = last_layer ∘ normalize ∘ MLP
+    out_dim: int = knob(65536, "K, the number of output dimensions; smaller (4096) for small data")
+    hidden_dim: int = knob(2048, "width of the head's hidden layers")
+    bottleneck_dim: int = knob(256, "width of the L2-normalised bottleneck")
+    norm_last_layer: bool = knob(True, "fix the norm of the last layer's weights to 1 (stabler)")
+    use_bn_in_head: bool = knob(False, "BatchNorm after the head's hidden layers")
+    # loss: temperatures and centering
+    student_temp: float = knob(0.1, "τ_s, student temperature")
+    warmup_teacher_temp: float = knob(0.04, "τ_t at the start of its linear warm-up")
+    teacher_temp: float = knob(0.07, "τ_t after warm-up (paper: 0.04 → 0.07 over 30 epochs; "
+                                     "the authors' code defaults to 0.04). Above 0.07 is unstable; "
+                                     "set it to τ_s to turn sharpening off")
+    warmup_teacher_temp_epochs: int = knob(30, "epochs of τ_t warm-up")
+    center_momentum: float = knob(0.9, "m, momentum of the center c")
+    centering: bool = knob(True, "subtract the center c from the teacher's output "
+                                 "(--no_centering for the collapse ablation)")
+    # teacher
+    momentum_teacher: float = knob(0.996, "λ at step 0, raised to 1 on a cosine; raise it "
+                                          "(0.9995) for small batches, 0 copies the student")
+    # multi-crop
+    global_crops_size: int = knob(224, "side of the 2 global views, px")
+    global_crops_scale: tuple = knob((0.4, 1.0), "area range of a global crop, share of the image")
+    local_crops_number: int = knob(8, "number of local views")
+    local_crops_size: int = knob(96, "side of a local view, px")
+    local_crops_scale: tuple = knob((0.05, 0.4), "area range of a local crop, share of the image")
+    # optimisation
+    optimizer: str = knob("adamw", "adamw | sgd")
+    batch_size: int = knob(64, "images per step (per process)")
+    epochs: int = knob(100, "training epochs")
+    lr: float = knob(0.0005, "peak learning rate at batch 256; scaled linearly with the batch")
+    min_lr: float = knob(1e-6, "learning rate at the end of the cosine decay")
+    warmup_epochs: int = knob(10, "epochs of linear lr warm-up from 0")
+    weight_decay: float = knob(0.04, "weight decay at step 0, raised on a cosine ...")
+    weight_decay_end: float = knob(0.4, "... to this value at the last step")
+    clip_grad: float = knob(3.0, "clip each parameter's gradient to this norm (0 = off)")
+    freeze_last_layer: int = knob(1, "epochs during which the head's last layer is not updated; "
+                                     "raise it if the loss does not fall")
+    # run
+    seed: int = knob(0, "random seed")
+    device: str = knob("auto", "auto | cpu | cuda | cuda:N")
+    num_workers: int = knob(4, "data-loading processes for image folders")
+    knn_every: int = knob(0, "run the k-NN monitor every N epochs (0 = only at the end)")
+    time_limit: float = knob(0.0, "stop training after this many minutes, at an epoch boundary "
+                                  "(0 = no limit)")
+
+
+def preset_for(image_size: int, name: str) -> dict:
+    """Sizes for small images, applied under the flags the user gave explicitly.
+
+    The paper's values are for 224 px ImageNet photos. On 32 px images a 16 px patch would leave
+    4 tokens, so we use 4 px patches, 32 px global and 16 px local crops, and a smaller K.
+    """
+    if image_size > 64:
+        return {}
+    preset = dict(patch_size=4, global_crops_size=32, local_crops_size=16,
+                  global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25),
+                  arch="vit_tiny", out_dim=4096, hidden_dim=2048, bottleneck_dim=256,
+                  local_crops_number=6, batch_size=256, epochs=100)
+    if name == "shapes":
+        # The built-in set: a model and schedule that learn it on a 2-core CPU in ~5 minutes.
+        preset.update(arch="vit_nano", out_dim=1024, hidden_dim=512, bottleneck_dim=128,
+                      local_crops_number=4, batch_size=128, epochs=12, warmup_epochs=2,
+                      warmup_teacher_temp_epochs=4, momentum_teacher=0.99, lr=0.002,
+                      drop_path_rate=0.0, weight_decay_end=0.1)
+    return preset
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Data. Three sources: the built-in `shapes` set, CIFAR-10 (python-pickle layout), and an
+#    image folder (train/<class>/*). The first two are held in memory as uint8 tensors.
+# ------------------------------------------------------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the authors normalise every data set with these
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+@dataclass
+class ImageSet:
+    """One split: labels, class names, and either the pixels (in memory) or the image files."""
+    labels: torch.Tensor                  # (N,) int64
+    classes: list
+    images: torch.Tensor | None = None    # (N, 3, H, W) uint8, when held in memory
+    files: list | None = None             # paths, when read from a folder
+    skipped: list = field(default_factory=list)  # files that could not be read
+
+    def __len__(self):
+        return len(self.labels)
+
+
+SHAPES = ["disk", "ring", "square", "frame", "triangle", "cross", "star", "bar"]
+
+
+def shape_mask(shape: str, u, v):
+    """Inside-test of a shape of radius 1 in its own frame (u, v)."""
+    rho, phi = (u ** 2 + v ** 2).sqrt(), torch.atan2(v, u)
+    box = torch.maximum(u.abs(), v.abs())
+    if shape == "disk":
+        return rho <= 1.0
+    if shape == "ring":
+        return (rho <= 1.0) & (rho >= 0.6)
+    if shape == "square":
+        return box <= 0.8
+    if shape == "frame":
+        return (box <= 0.85) & (box >= 0.5)
+    if shape == "triangle":
+        return (v >= -0.5) & (v <= 1.0 - 1.732 * u.abs())
+    if shape == "cross":
+        return ((u.abs() <= 0.3) | (v.abs() <= 0.3)) & (box <= 1.0)
+    if shape == "star":
+        return rho <= 0.45 + 0.55 * ((torch.cos(5 * phi) + 1) / 2) ** 2
+    return (u.abs() <= 1.0) & (v.abs() <= 0.28)  # bar
+
+
+def make_shapes(n: int, seed: int, size: int = 32) -> ImageSet:
+    """The built-in data set: one of 8 shapes per image, on a random two-colour gradient.
+
+    Colour, position, scale and rotation are random, so raw pixels say little about the class
+    and a model must learn shape. Deterministic for a given seed; ~1 s for 10k images.
+    """
+    g = torch.Generator().manual_seed(seed)
+    u01 = lambda *shape: torch.rand(*shape, generator=g)
+    label = torch.randint(len(SHAPES), (n,), generator=g)
+    # background: a linear gradient between two random colours in a random direction
+    bg_a, bg_b = u01(n, 3, 1, 1), u01(n, 3, 1, 1)
+    angle = u01(n, 1, 1) * 2 * math.pi
+    ss = 2 * size  # draw at twice the size, then average 2x2 pixels (anti-aliasing)
+    coords = (torch.arange(ss) + 0.5) / ss  # pixel centres in [0, 1]
+    y, x = coords[:, None], coords[None, :]
+    ramp = ((x - 0.5) * torch.cos(angle) + (y - 0.5) * torch.sin(angle) + 0.5).clamp(0, 1)
+    background = bg_a + (bg_b - bg_a) * ramp[:, None]  # (n, 3, ss, ss)
+    # foreground colour at least 0.35 away (RMS over RGB) from the background's mean colour
+    fg = u01(n, 3, 1, 1)
+    bg_mean = (bg_a + bg_b) / 2
+    for _ in range(20):
+        close = ((fg - bg_mean).pow(2).mean(1, keepdim=True).sqrt() < 0.35).expand_as(fg)
+        fg = torch.where(close, u01(n, 3, 1, 1), fg)
+    # shape frame: centre, radius (share of the image side) and rotation
+    cx, cy = 0.3 + 0.4 * u01(n, 1, 1), 0.3 + 0.4 * u01(n, 1, 1)
+    r = 0.17 + 0.13 * u01(n, 1, 1)
+    rot = u01(n, 1, 1) * 2 * math.pi
+    mask = torch.zeros(n, 1, ss, ss)
+    for k in range(len(SHAPES)):
+        i = label == k
+        dx, dy = (x - cx[i]) / r[i], (y - cy[i]) / r[i]
+        u = dx * torch.cos(rot[i]) + dy * torch.sin(rot[i])  # (n_k, ss, ss): the shape's frame
+        v = -dx * torch.sin(rot[i]) + dy * torch.cos(rot[i])
+        mask[i] = shape_mask(SHAPES[k], u, v).unsqueeze(1).float()
+    img = background * (1 - mask) + fg * mask
+    img = img + 0.03 * torch.randn(img.shape, generator=g)  # sensor noise
+    img = F.avg_pool2d(img, 2)  # (n, 3, size, size)
+    images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+    return ImageSet(labels=label, classes=list(SHAPES), images=images)
+
+
+def load_cifar10(root: Path) -> tuple[ImageSet, ImageSet]:
+    """Read CIFAR-10's python pickles directly (torchvision's class rejects copies by md5)."""
+    base = root / "cifar-10-batches-py"
+    classes = pickle.load(open(base / "batches.meta", "rb"), encoding="latin1")["label_names"]
+
+    def read(names):
+        images, labels = [], []
+        for name in names:
+            with open(base / name, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")
+            images.append(torch.as_tensor(batch["data"]))
+            labels += batch["labels"]
+        # each row holds 1024 red, 1024 green, then 1024 blue values, row-major
+        images = rearrange(torch.cat(images), "n (c h w) -> n c h w", c=3, h=32, w=32)
+        return ImageSet(labels=torch.tensor(labels), classes=classes, images=images.contiguous())
+
+    return read([f"data_batch_{i}" for i in range(1, 6)]), read(["test_batch"])
+
+
+def download_cifar10(root: Path):
+    try:
+        import torchvision
+        torchvision.datasets.CIFAR10(root=str(root), train=True, download=True)
+    except Exception as e:  # no network, a proxy, a full disk: all end the same way for the user
+        raise DinoError(
+            f"CIFAR-10 is not in {root} and downloading it failed ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else 'no message'}); download "
+            f"cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and "
+            f"extract it into {root}") from None
+
+
+def scan_folder(split_dir: Path, classes: list | None = None) -> ImageSet:
+    class_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir())
+    if not class_dirs:
+        raise DinoError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>")
+    classes = classes or [d.name for d in class_dirs]
+    files, labels, empty = [], [], []
+    for d in class_dirs:
+        if d.name not in classes:
+            raise DinoError(f"class folder {d} is not among the training classes")
+        for f in sorted(d.iterdir()):
+            if f.suffix.lower() in IMAGE_EXTENSIONS:
+                (files if f.stat().st_size > 0 else empty).append(str(f))
+                if f.stat().st_size > 0:
+                    labels.append(classes.index(d.name))
+    if not files:
+        raise DinoError(f"no images found under {split_dir} (looked for "
+                        f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return ImageSet(labels=torch.tensor(labels), classes=classes, files=files, skipped=empty)
+
+
+def load_data(path: str) -> tuple[str, ImageSet, ImageSet | None]:
+    """Return (name, train split, evaluation split or None) for any supported --data."""
+    if path == "shapes":
+        return "shapes", make_shapes(10_000, seed=0), make_shapes(2_000, seed=1)
+    root = Path(path).expanduser()
+    looks_like_cifar = "cifar" in root.name.lower().replace("-", "")
+    if (root / "cifar-10-batches-py").is_dir():
+        return "cifar10", *load_cifar10(root)
+    if looks_like_cifar and (not root.exists() or not any(root.iterdir())):
+        download_cifar10(root)
+        return "cifar10", *load_cifar10(root)
+    if not root.exists():
+        raise DinoError(f"data path {root} does not exist; pass --data shapes for the built-in "
+                        f"set, a CIFAR-10 folder, or an image folder with train/<class>/")
+    if not root.is_dir():
+        raise DinoError(f"data path {root} is not a folder")
+    if not (root / "train").is_dir():
+        raise DinoError(f"{root} has no train/ folder (nor cifar-10-batches-py/); expected "
+                        f"{root}/train/<class>/<image> and optionally {root}/val/ or test/")
+    train = scan_folder(root / "train")
+    evaluation = None
+    for name in ("val", "test"):
+        if (root / name).is_dir():
+            evaluation = scan_folder(root / name, classes=train.classes)
+            break
+    return root.name or "images", train, evaluation
+
+
+def probe_image_size(data: ImageSet) -> int:
+    if data.images is not None:
+        return min(data.images.shape[-2:])
+    from PIL import Image
+    for f in data.files[:20]:
+        try:
+            with Image.open(f) as im:
+                return min(im.size)
+        except OSError:
+            continue
+    raise DinoError(f"none of the first images under {Path(data.files[0]).parent.parent} "
+                    f"could be read; are they images?")
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Multi-crop augmentation (paper Section 3.1 and the authors' DataAugmentationDINO).
+#    Every view: random resized crop, flip, colour jitter, grayscale, blur, solarize, normalise.
+#    The geometry (crop) is done per image for folders of any size, or on whole batches for
+#    in-memory data; the photometric part always runs on whole batches with per-image random
+#    parameters, on the device the model uses. Both follow this one table.
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ViewSpec:
+    flip: float = 0.5       # P(horizontal flip)
+    jitter: float = 0.8     # P(colour jitter)
+    gray: float = 0.2       # P(grayscale)
+    blur: float = 0.0       # P(Gaussian blur)
+    solarize: float = 0.0   # P(solarize)
+
+
+VIEW_SPECS = {
+    "global1": ViewSpec(blur=1.0),                  # first global view: always blurred
+    "global2": ViewSpec(blur=0.1, solarize=0.2),    # second: rarely blurred, sometimes solarized
+    "local": ViewSpec(blur=0.5),                    # every local view
+}
+JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)  # ColorJitter strengths
+BLUR_SIGMA = (0.1, 2.0)  # px at 224 px; scaled with the crop size so small images are not erased
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L")
+
+
+def view_names(n_local: int) -> list[str]:
+    return ["global1", "global2"] + ["local"] * n_local
+
+
+def sample_crop_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), generator=None, tries=10):
+    """torchvision's RandomResizedCrop.get_params for n images at once: (n, 4) as (top, left, h, w)."""
+    area = height * width
+    target = area * torch.empty(n, tries).uniform_(*scale, generator=generator)
+    log_r = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    aspect = torch.exp(log_r)
+    w = torch.sqrt(target * aspect).round()
+    h = torch.sqrt(target / aspect).round()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.float().argmax(1)  # first try that fits
+    w = w[torch.arange(n), first]
+    h = h[torch.arange(n), first]
+    # fallback when no try fits: the whole image (ratio-clamped), as torchvision does
+    none = ~ok.any(1)
+    w = torch.where(none, torch.tensor(float(min(width, round(height * ratio[1])))), w)
+    h = torch.where(none, torch.tensor(float(min(height, round(width / ratio[0])))), h)
+    top = (torch.rand(n, generator=generator) * (height - h + 1)).floor()
+    left = (torch.rand(n, generator=generator) * (width - w + 1)).floor()
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def crop_resize_flip(images, boxes, flips, size):
+    """Crop boxes (n, 4) out of images (n, 3, H, W), resize to size x size (bicubic), flip some.
+
+    One affine grid_sample per batch. The authors resize PIL crops bicubically with antialiasing;
+    for 32 px images every crop is enlarged, where antialiasing does nothing.
+    """
+    n, _, H, W = images.shape
+    top, left, h, w = boxes.to(images.device, images.dtype).unbind(1)
+    # output x ∈ [-1, 1] (pixel edges) → input x_in = c_x + s_x x, the crop's span in [-1, 1]
+    s_x, s_y = w / W, h / H
+    c_x, c_y = (2 * left + w) / W - 1, (2 * top + h) / H - 1
+    s_x = torch.where(flips.to(images.device), -s_x, s_x)
+    zero = torch.zeros_like(s_x)
+    theta = torch.stack([torch.stack([s_x, zero, c_x], 1), torch.stack([zero, s_y, c_y], 1)], 1)
+    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)  # (n, size, size, 2)
+    out = F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False)
+    return out.clamp(0, 1)
+
+
+def grayscale(x):
+    r, g, b = x.unbind(-3)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(-3)
+
+
+def rgb_to_hsv(x):
+    r, g, b = x.unbind(-3)
+    maxc, minc = x.max(-3).values, x.min(-3).values
+    flat = maxc == minc
+    delta = maxc - minc
+    s = delta / torch.where(flat, torch.ones_like(maxc), maxc)
+    d = torch.where(flat, torch.ones_like(delta), delta)
+    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
+    h = torch.where(maxc == r, bc - gc,
+                    torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(flat, torch.zeros_like(h), h)
+    h = (h / 6.0) % 1.0
+    return torch.stack([h, s, maxc], dim=-3)
+
+
+def hsv_to_rgb(x):
+    h, s, v = x.unbind(-3)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.long() % 6
+    p = (v * (1 - s)).clamp(0, 1)
+    q = (v * (1 - s * f)).clamp(0, 1)
+    t = (v * (1 - s * (1 - f))).clamp(0, 1)
+    choices = [torch.stack(c, dim=-3) for c in
+               [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]]
+    out = torch.zeros_like(choices[0])
+    for k, c in enumerate(choices):
+        out = torch.where((i == k).unsqueeze(-3), c, out)
+    return out
+
+
+def adjust_brightness(x, factor):  # factor: (n, 1, 1, 1)
+    return (x * factor).clamp(0, 1)
+
+
+def adjust_contrast(x, factor):
+    mean = grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
+    return (factor * x + (1 - factor) * mean).clamp(0, 1)
+
+
+def adjust_saturation(x, factor):
+    return (factor * x + (1 - factor) * grayscale(x)).clamp(0, 1)
+
+
+def adjust_hue(x, shift):
+    hsv = rgb_to_hsv(x)
+    h = (hsv[:, :1] + shift) % 1.0
+    return hsv_to_rgb(torch.cat([h, hsv[:, 1:]], dim=1))
+
+
+def gaussian_blur(x, sigma, max_sigma):
+    """Blur each image with its own σ: separable kernels through a grouped convolution."""
+    n, c, H, W = x.shape
+    radius = max(1, min(math.ceil(3 * max_sigma), min(H, W) - 1))
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    # $$k(i) \propto \exp(-i^2 / 2\sigma^2)$$
+    kernel = torch.exp(-offsets[None] ** 2 / (2 * sigma.view(n, 1) ** 2))
+    kernel = kernel / kernel.sum(1, keepdim=True)  # (n, 2r+1)
+    kernel = kernel.repeat_interleave(c, dim=0)  # (n·c, 2r+1): one kernel per channel
+    flat = rearrange(x, "n c h w -> 1 (n c) h w")
+    flat = F.pad(flat, (radius, radius, radius, radius), mode="reflect")
+    flat = F.conv2d(flat, kernel[:, None, :, None], groups=n * c)  # along H
+    flat = F.conv2d(flat, kernel[:, None, None, :], groups=n * c)  # along W
+    return rearrange(flat, "1 (n c) h w -> n c h w", n=n)
+
+
+def photometric(x, spec: ViewSpec, generator=None, flip: bool = True):
+    """Flip, colour jitter (random order), grayscale, blur, solarize; x in [0, 1], (n, 3, S, S)."""
+    n, dev = x.shape[0], x.device
+    rand = lambda *s: torch.rand(*s, generator=generator).to(dev)
+    if flip:
+        x = torch.where(rand(n, 1, 1, 1) < spec.flip, x.flip(-1), x)
+    # colour jitter: factors drawn per image, the four operations applied in a per-image order
+    b, c, s = (JITTER[k] for k in ("brightness", "contrast", "saturation"))
+    factors = [1 - b + 2 * b * rand(n, 1, 1, 1), 1 - c + 2 * c * rand(n, 1, 1, 1),
+               1 - s + 2 * s * rand(n, 1, 1, 1), JITTER["hue"] * (2 * rand(n, 1, 1, 1) - 1)]
+    ops = [adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue]
+    jitter = rand(n) < spec.jitter
+    order = torch.argsort(torch.rand(n, 4, generator=generator), dim=1).to(dev)
+    for step in range(4):
+        for k, op in enumerate(ops):
+            sel = jitter & (order[:, step] == k)
+            if sel.any():
+                x = x.clone() if not x.is_contiguous() else x
+                x[sel] = op(x[sel], factors[k][sel])
+    gray = rand(n) < spec.gray
+    if gray.any():
+        x[gray] = grayscale(x[gray]).expand(-1, 3, -1, -1)
+    blur = rand(n) < spec.blur
+    if blur.any():
+        scale = x.shape[-1] / 224  # σ is given for 224 px views
+        lo, hi = BLUR_SIGMA[0] * scale, BLUR_SIGMA[1] * scale
+        sigma = (lo + (hi - lo) * rand(n))[blur]
+        x[blur] = gaussian_blur(x[blur], sigma, hi)
+    sol = rand(n, 1, 1, 1) < spec.solarize
+    # solarize: invert every value at or above the threshold 128/255
+    x = torch.where(sol & (x >= 128 / 255), 1 - x, x)
+    return x
+
+
+def normalize(x):
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def multicrop(images_u8, cfg: Config, generator=None):
+    """All views of a batch of in-memory images (n, 3, H, W) uint8: 2 global + V local."""
+    x = images_u8.float() / 255
+    n, _, H, W = x.shape
+    views = []
+    for name in view_names(cfg.local_crops_number):
+        is_global = name.startswith("global")
+        size = cfg.global_crops_size if is_global else cfg.local_crops_size
+        scale = cfg.global_crops_scale if is_global else cfg.local_crops_scale
+        boxes = sample_crop_boxes(n, H, W, scale, generator=generator)
+        flips = torch.rand(n, generator=generator) < VIEW_SPECS[name].flip
+        v = crop_resize_flip(x, boxes, flips, size)
+        views.append(normalize(photometric(v, VIEW_SPECS[name], generator, flip=False)))
+    return views
+
+
+class FolderMultiCrop(torch.utils.data.Dataset):
+    """Per-image geometry for image folders: each item is the uint8 crops of one image."""
+
+    def __init__(self, data: ImageSet, cfg: Config):
+        from torchvision.transforms import v2 as T
+        self.files, self.labels = data.files, data.labels
+        bicubic = T.InterpolationMode.BICUBIC
+        self.crops = [T.RandomResizedCrop(cfg.global_crops_size if n.startswith("global")
+                                          else cfg.local_crops_size,
+                                          scale=cfg.global_crops_scale if n.startswith("global")
+                                          else cfg.local_crops_scale,
+                                          interpolation=bicubic, antialias=True)
+                      for n in view_names(cfg.local_crops_number)]
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from torchvision.transforms.v2.functional import pil_to_tensor
+        image = read_rgb(self.files[i])
+        if image is None:
+            return None, self.files[i]
+        return [pil_to_tensor(crop(image)) for crop in self.crops], None
+
+
+def read_rgb(path):
+    """An image as 8-bit RGB (grayscale, palette, RGBA and 16-bit converted), or None if unreadable."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                im = im.point(lambda v: v / 256).convert("L")
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
+def collate_views(items):
+    """Stack view k of every readable image; report the files that could not be read."""
+    good = [views for views, _ in items if views is not None]
+    bad = [path for views, path in items if views is None]
+    if not good:
+        return None, bad
+    return [torch.stack(vs) for vs in zip(*good)], bad
+
+
+def train_batches(data: ImageSet, cfg: Config, epoch: int, device, generator):
+    """Yield (views, unreadable files) for one epoch; views are normalised float tensors."""
+    order = torch.randperm(len(data), generator=generator)
+    steps = len(data) // cfg.batch_size
+    if data.images is not None:
+        for s in range(steps):
+            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            yield multicrop(data.images[idx].to(device, non_blocking=True), cfg, generator), []
+        return
+    loader = torch.utils.data.DataLoader(
+        FolderMultiCrop(data, cfg), batch_size=cfg.batch_size, sampler=order[:steps * cfg.batch_size].tolist(),
+        num_workers=cfg.num_workers, collate_fn=collate_views, drop_last=True,
+        persistent_workers=False, worker_init_fn=_seed_worker,
+        generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+    for crops, bad in loader:
+        if crops is None:
+            yield None, bad
+            continue
+        views = []
+        for name, v in zip(view_names(cfg.local_crops_number), crops):
+            v = v.to(device, non_blocking=True).float() / 255
+            views.append(normalize(photometric(v, VIEW_SPECS[name], generator)))
+        yield views, bad
+
+
+def _seed_worker(worker_id):
+    random.seed(torch.initial_seed() % 2 ** 32)
+
+
+def eval_batches(data: ImageSet, size: int, batch_size: int = 256):
+    """(images, labels) batches of centre views at the training resolution, for feature extraction."""
+    if data.images is not None:
+        for s in range(0, len(data), batch_size):
+            x = data.images[s:s + batch_size].float() / 255
+            if x.shape[-1] != size or x.shape[-2] != size:
+                x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
+            yield normalize(x), data.labels[s:s + batch_size]
+        return
+    from torchvision.transforms import v2 as T
+    resize = round(size * 256 / 224) if size >= 96 else size  # the authors' 256 → 224 centre crop
+    tf = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                    T.CenterCrop(size), T.PILToTensor()])
+    dataset = _EvalFolder(data, tf)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=2)
+    for x, y, ok in loader:
+        yield normalize(x[ok].float() / 255), y[ok]
+
+
+class _EvalFolder(torch.utils.data.Dataset):
+    def __init__(self, data, tf):
+        self.data, self.tf = data, tf
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        image = read_rgb(self.data.files[i])
+        if image is None:
+            return torch.zeros(3, *self.tf.transforms[1].size, dtype=torch.uint8), -1, False
+        return self.tf(image), int(self.data.labels[i]), True
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Student and teacher networks: backbone + projection head, and the DINO loss.
+# ------------------------------------------------------------------------------------------------
+
+class DINOHead(nn.Module):
+    """MLP (3 layers, GELU) → L2-normalised bottleneck → weight-normalised linear layer to K."""
+
+    def __init__(self, in_dim, out_dim, use_bn=False, norm_last_layer=True, nlayers=3,
+                 hidden_dim=2048, bottleneck_dim=256):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
+        layers = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < nlayers - 1:
+                layers += [nn.BatchNorm1d(b)] if use_bn else []
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        self.apply(vit._init_weights)
+        # last layer: W = g · V / ‖V‖ per output row; g fixed to 1 when norm_last_layer
+        self.last_layer = nn.utils.parametrizations.weight_norm(
+            nn.Linear(bottleneck_dim, out_dim, bias=False))
+        g = self.last_layer.parametrizations.weight.original0
+        g.data.fill_(1.0)
+        g.requires_grad = not norm_last_layer
+
+    def forward(self, x):
+        x = self.mlp(x)
+        x = F.normalize(x, dim=-1, p=2)  # L2 normalisation of the bottleneck
+        return self.last_layer(x)
+
+
+class MultiCropWrapper(nn.Module):
+    """g = head ∘ backbone over a list of views; views of equal size share one backbone pass."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, views):
+        outputs, start = [], 0
+        while start < len(views):
+            end = start
+            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+                end += 1
+            outputs.append(self.backbone(torch.cat(views[start:end])))  # (views · B, D)
+            start = end
+        return self.head(torch.cat(outputs))  # (V · B, K), view-major
+
+
+def build_networks(cfg: Config, device):
+    def one(drop_path):
+        backbone = vit.build_vit(cfg.arch, cfg.patch_size, img_size=cfg.global_crops_size,
+                                 drop_path_rate=drop_path)
+        head = DINOHead(backbone.embed_dim, cfg.out_dim, cfg.use_bn_in_head, cfg.norm_last_layer,
+                        hidden_dim=cfg.hidden_dim, bottleneck_dim=cfg.bottleneck_dim)
+        return MultiCropWrapper(backbone, head)
+
+    student = one(cfg.drop_path_rate).to(device)
+    teacher = one(0.0).to(device)  # drop-path in the student only
+    teacher.load_state_dict(student.state_dict())  # θ_t starts equal to θ_s
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return student, teacher
+
+
+def dino_loss(student_out, teacher_out, center, tau_s, tau_t, n_global=2):
+    """The DINO loss and its collapse diagnostics.
+
+    student_out: (V·B, K) student logits for all V views (view-major);
+    teacher_out: (n_global·B, K) teacher logits for the global views.
+    Returns (loss, stats) with stats = {"pairs": (n_global, V) matrix of H terms (diagonal
+    skipped), "teacher_entropy": mean h(P_t), "kl": mean KL(P_t ‖ P_s)}.
+    """
+    V = student_out.shape[0] // (teacher_out.shape[0] // n_global)
+    # $$P_s(x)^{(i)} = \frac{\exp(g_{\theta_s}(x)^{(i)} / \tau_s)}{\sum_{k=1}^{K} \exp(g_{\theta_s}(x)^{(k)} / \tau_s)}$$
+    log_p_s = rearrange(F.log_softmax(student_out.float() / tau_s, dim=-1), "(v b) k -> v b k", v=V)
+    # centering and sharpening: $$P_t(x) = \mathrm{softmax}\big((g_{\theta_t}(x) - c) / \tau_t\big)$$
+    # the teacher is a target: no gradient flows through it
+    p_t = F.softmax((teacher_out.float() - center) / tau_t, dim=-1).detach()
+    p_t = rearrange(p_t, "(u b) k -> u b k", u=n_global)
+    B = p_t.shape[1]
+    # $$H(P_t(u), P_s(v)) = -\frac{1}{B}\sum_b \sum_k P_t(u)^{(k)} \log P_s(v)^{(k)}$$ for every pair
+    pairs = -torch.einsum("ubk,vbk->uv", p_t, log_p_s) / B  # (n_global, V)
+    # $$\mathcal{L} = \frac{1}{n_{pairs}} \sum_{x \in \{x^g_1, x^g_2\}} \sum_{x' \in V,\, x' \neq x} H(P_t(x), P_s(x'))$$
+    same_view = torch.eye(n_global, V, dtype=torch.bool, device=pairs.device)
+    loss = pairs[~same_view].mean()
+    # $$h(P_t) = -\sum_k P_t^{(k)} \log P_t^{(k)}$$; since H = h + KL, mean KL = loss − mean h
+    entropy = -(p_t * torch.log(p_t.clamp_min(1e-30))).sum(-1).mean()
+    return loss, {"pairs": pairs.detach(), "teacher_entropy": entropy.detach(),
+                  "kl": (loss - entropy).detach()}
+
+
+@torch.no_grad()
+def update_center(center, teacher_out, m):
+    # $$c \leftarrow m\,c + (1 - m)\,\frac{1}{B}\sum_{i=1}^{B} g_{\theta_t}(x_i)$$
+    batch_center = all_reduce_mean(teacher_out.float().mean(dim=0, keepdim=True))
+    return m * center + (1 - m) * batch_center
+
+
+def all_reduce_mean(x):
+    """Average over processes under torch.distributed; the identity on one process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        x /= torch.distributed.get_world_size()
+    return x
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Teacher EMA.
+# ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def update_teacher(teacher, student, momentum):
+    # $$\theta_t \leftarrow \lambda\,\theta_t + (1 - \lambda)\,\theta_s$$  (parameters only, not buffers)
+    t = [p for p in teacher.parameters()]
+    s = [p.detach() for p in student.parameters()]
+    torch._foreach_mul_(t, momentum)
+    torch._foreach_add_(t, s, alpha=1 - momentum)
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Schedules, precomputed per step (or per epoch for τ_t) and indexed in the loop.
+# ------------------------------------------------------------------------------------------------
+
+def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0, start_warmup=0.0):
+    """Linear warm-up from start_warmup to base, then a cosine from base to final."""
+    warmup = torch.linspace(start_warmup, base, warmup_epochs * steps_per_epoch + 1)[:-1]
+    T = epochs * steps_per_epoch - len(warmup) - 1  # the cosine runs over steps t = 0 … T
+    t = torch.arange(T + 1, dtype=torch.float64)
+    # $$v_t = v_{final} + \tfrac{1}{2}(v_{base} - v_{final})\big(1 + \cos(\pi t / T)\big)$$
+    # (the authors divide by T + 1, so their last value falls just short of v_final)
+    cosine = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * t / max(T, 1)))
+    return torch.cat([warmup.double(), cosine])[:epochs * steps_per_epoch]
+
+
+def teacher_temp_schedule(cfg: Config):
+    """τ_t per epoch: linear from warmup_teacher_temp to teacher_temp, then constant."""
+    warm = min(cfg.warmup_teacher_temp_epochs, cfg.epochs)
+    ramp = torch.linspace(cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs)
+    return torch.cat([ramp[:warm], torch.full((cfg.epochs - warm,), cfg.teacher_temp)]).double()
+
+
+def schedules(cfg: Config, steps_per_epoch: int, world_size: int = 1) -> dict:
+    # linear scaling rule: $$lr = lr_{base} \cdot \frac{\text{total batch}}{256}$$
+    peak_lr = cfg.lr * cfg.batch_size * world_size / 256
+    return {
+        "lr": cosine_schedule(peak_lr, cfg.min_lr, cfg.epochs, steps_per_epoch, cfg.warmup_epochs),
+        "wd": cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, steps_per_epoch),
+        # λ: cosine from momentum_teacher to 1
+        "momentum": cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, steps_per_epoch),
+        "teacher_temp": teacher_temp_schedule(cfg),  # per epoch
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Training.
+# ------------------------------------------------------------------------------------------------
+
+def param_groups(model):
+    """Weight decay on weight matrices only: no decay on biases and 1-D (norm) parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def clip_gradients(model, clip):
+    """Clip each parameter's gradient to norm `clip` separately, as the authors do."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norms = torch._foreach_norm(grads)
+    factors = [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms]
+    torch._foreach_mul_(grads, factors)
+
+
+def cancel_last_layer_gradients(student, epoch, freeze_last_layer):
+    if epoch < freeze_last_layer:
+        for p in student.head.last_layer.parameters():
+            p.grad = None
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DinoError(f"--device {name} asked for a GPU but PyTorch sees none; use --device cpu")
+    return torch.device(name)
+
+
+def save_checkpoint(state: dict, path: Path):
+    """Write atomically: to a temporary file, flushed and fsynced, then renamed over the old one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise DinoError(f"{path} holds more than tensors and plain values, so it is not loaded "
+                        f"(it could run code): {str(e).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise DinoError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+
+
+MODEL_FIELDS = ("arch", "patch_size", "out_dim", "hidden_dim", "bottleneck_dim",
+                "norm_last_layer", "use_bn_in_head", "global_crops_size")
+
+
+class Trainer:
+    """Holds the networks, optimizer, center and schedules; `fit()` runs the epochs."""
+
+    def __init__(self, cfg: Config, train: ImageSet, evaluation: ImageSet | None, quiet=False):
+        self.cfg, self.train_set, self.eval_set, self.quiet = cfg, train, evaluation, quiet
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.student, self.teacher = build_networks(cfg, self.device)
+        fused = self.device.type == "cuda"
+        if cfg.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(param_groups(self.student), fused=fused)
+        else:
+            self.optimizer = torch.optim.SGD(param_groups(self.student), lr=0, momentum=0.9)
+        self.center = torch.zeros(1, cfg.out_dim, device=self.device)  # c
+        self.steps_per_epoch = len(train) // cfg.batch_size
+        self.schedule = schedules(cfg, self.steps_per_epoch)
+        self.start_epoch = 0
+        self.history = []
+        self.output_dir = Path(cfg.output_dir)
+        self.checkpoint_path = self.output_dir / "checkpoint.pth"
+
+    # -- one step -------------------------------------------------------------------------------
+    def train_step(self, views, it, epoch):
+        cfg = self.cfg
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = float(self.schedule["lr"][it])
+            if i == 0:  # only the first group is regularised
+                group["weight_decay"] = float(self.schedule["wd"][it])
+        tau_t = float(self.schedule["teacher_temp"][epoch])
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        with autocast:
+            with torch.no_grad():
+                teacher_out = self.teacher(views[:2])  # the teacher sees the 2 global views
+            student_out = self.student(views)  # the student sees all views
+            loss, stats = dino_loss(student_out, teacher_out, self.center, cfg.student_temp, tau_t)
+        if cfg.centering:
+            self.center = update_center(self.center, teacher_out, cfg.center_momentum)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_grad:
+            clip_gradients(self.student, cfg.clip_grad)
+        cancel_last_layer_gradients(self.student, epoch, cfg.freeze_last_layer)
+        self.optimizer.step()
+        update_teacher(self.teacher, self.student, float(self.schedule["momentum"][it]))
+        return loss.detach(), stats
+
+    # -- epochs -----------------------------------------------------------------------------------
+    def fit(self, log=print):
+        from tqdm.auto import tqdm
+        cfg = self.cfg
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        log_K = math.log(cfg.out_dim)
+        started = time.time()
+        for epoch in range(self.start_epoch, cfg.epochs):
+            t0 = time.time()
+            self.student.train()
+            sums = torch.zeros(3, device=self.device)  # loss, entropy, kl
+            n, skipped = 0, []
+            bar = tqdm(train_batches(self.train_set, cfg, epoch, self.device, self.generator),
+                       total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       disable=self.quiet, leave=False, dynamic_ncols=True)
+            for step, (views, bad) in enumerate(bar):
+                skipped += bad
+                if views is None:
+                    continue
+                it = epoch * self.steps_per_epoch + step
+                loss, stats = self.train_step(views, it, epoch)
+                sums += torch.stack([loss, stats["teacher_entropy"], stats["kl"]])
+                n += 1
+                if step % 10 == 0:  # a host-device sync, so only every 10 steps
+                    if not math.isfinite(loss.item()):
+                        raise DinoError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step}; "
+                                        f"lower --lr, raise --momentum_teacher, or lower --teacher_temp")
+                    bar.set_postfix(loss=f"{loss.item():.3f}", h_t=f"{stats['teacher_entropy'].item():.2f}")
+            bar.close()
+            mean = (sums / max(n, 1)).tolist()
+            it_last = (epoch + 1) * self.steps_per_epoch - 1
+            record = dict(epoch=epoch + 1, loss=mean[0], teacher_entropy=mean[1], kl=mean[2],
+                          log_K=log_K, center_norm=self.center.norm().item(),
+                          lr=float(self.schedule["lr"][it_last]), wd=float(self.schedule["wd"][it_last]),
+                          momentum=float(self.schedule["momentum"][it_last]),
+                          teacher_temp=float(self.schedule["teacher_temp"][epoch]),
+                          seconds=time.time() - t0)
+            if not math.isfinite(mean[0]):
+                raise DinoError(f"loss is {mean[0]} in epoch {epoch + 1}; lower --lr, raise "
+                                f"--momentum_teacher, or lower --teacher_temp")
+            if skipped:
+                record["unreadable_files"] = skipped
+                log(f"warning: skipped {len(skipped)} unreadable image(s): {', '.join(skipped[:5])}"
+                    + (" ..." if len(skipped) > 5 else ""))
+            last = epoch + 1 == cfg.epochs
+            out_of_time = cfg.time_limit and time.time() - started > 60 * cfg.time_limit
+            if self.eval_set is not None and ((cfg.knn_every and (epoch + 1) % cfg.knn_every == 0)
+                                              or last or out_of_time):
+                record["knn_top1"] = self.knn()
+            self.history.append(record)
+            self.save(epoch + 1)
+            with open(self.output_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log(format_record(record))
+            warning = collapse_warning(record["teacher_entropy"], log_K)
+            if warning:
+                log(warning)
+            if out_of_time and not last:
+                log(f"stopping after epoch {epoch + 1}: --time_limit {cfg.time_limit} min reached")
+                break
+        return self.history
+
+    def knn(self, k=20, T=0.07):
+        backbone = self.teacher.backbone
+        backbone.eval()
+        size = self.cfg.global_crops_size
+        train_f, train_y = extract_features(backbone, eval_batches(self.train_set, size), self.device)
+        test_f, test_y = extract_features(backbone, eval_batches(self.eval_set, size), self.device)
+        top1, _ = knn_accuracy(train_f, train_y, test_f, test_y, k=k, T=T,
+                               num_classes=len(self.train_set.classes))
+        return top1
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state(self, epoch):
+        return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "center": self.center.cpu(),
+                "epoch": epoch, "config": config_to_dict(self.cfg), "history": self.history,
+                "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
+                        "python": random.getstate()}}
+
+    def save(self, epoch):
+        save_checkpoint(self.state(epoch), self.checkpoint_path)
+
+    def resume(self, log=print):
+        if not self.checkpoint_path.exists():
+            return False
+        ck = load_checkpoint(self.checkpoint_path)
+        if not isinstance(ck, dict) or "teacher" not in ck or "student" not in ck:
+            raise DinoError(f"{self.checkpoint_path} is not a DINO checkpoint of this project; "
+                            f"use another --output_dir")
+        saved = ck.get("config", {})
+        changed = [f"{k}: {saved.get(k)} → {getattr(self.cfg, k)}" for k in MODEL_FIELDS
+                   if k in saved and _plain(saved[k]) != _plain(getattr(self.cfg, k))]
+        if changed:
+            raise DinoError(f"{self.checkpoint_path} was trained with other model settings "
+                            f"({'; '.join(changed)}); use another --output_dir to start afresh")
+        self.student.load_state_dict(ck["student"])
+        self.teacher.load_state_dict(ck["teacher"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.center = ck["center"].to(self.device)
+        self.start_epoch = ck["epoch"]
+        self.history = list(ck.get("history", []))
+        torch.set_rng_state(ck["rng"]["torch"])
+        self.generator.set_state(ck["rng"]["generator"])
+        random.setstate(_as_tuple(ck["rng"]["python"]))
+        log(f"resumed from {self.checkpoint_path} at epoch {self.start_epoch}/{self.cfg.epochs}")
+        return True
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _as_tuple(v):
+    return tuple(_as_tuple(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return {k: _plain(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def format_record(r: dict) -> str:
+    text = (f"epoch {r['epoch']:>3}  loss {r['loss']:.4f}  h(P_t) {r['teacher_entropy']:.3f}"
+            f"/{r['log_K']:.2f}  KL {r['kl']:.3f}  |c| {r['center_norm']:.3f}  lr {r['lr']:.2e}  "
+            f"{r['seconds']:.0f}s")
+    if "knn_top1" in r:
+        text += f"  k-NN top-1 {r['knn_top1']:.2f}%"
+    return text
+
+
+def collapse_warning(entropy, log_K):
+    """Paper Figure 7: entropy → 0 is collapse to one dimension, entropy → log K to uniform."""
+    if entropy < 0.05 * log_K:
+        return (f"warning: teacher entropy {entropy:.3f} is near 0: collapse to one dimension "
+                f"(centering off or too weak?)")
+    if entropy > 0.95 * log_K:
+        return (f"warning: teacher entropy {entropy:.3f} is near log K = {log_K:.3f}: collapse to "
+                f"the uniform distribution (teacher temperature too high?)")
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Command line: every Config field is a flag; flags given explicitly beat the preset.
+# ------------------------------------------------------------------------------------------------
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    defaults = Config()
+    for f in dataclasses.fields(Config):
+        default = getattr(defaults, f.name)
+        help_text = f.metadata["help"] + f" (paper/default: {default})"
+        if isinstance(default, bool):
+            parser.add_argument(f"--{f.name}", dest=f.name, action="store_true",
+                                default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false",
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        elif isinstance(default, tuple):
+            parser.add_argument(f"--{f.name}", type=float, nargs=2, default=argparse.SUPPRESS,
+                                metavar=("MIN", "MAX"), help=help_text)
+        else:
+            parser.add_argument(f"--{f.name}", type=type(default), default=argparse.SUPPRESS,
+                                help=help_text)
+    return parser
+
+
+def make_config(explicit: dict, image_size: int, name: str) -> Config:
+    values = {**preset_for(image_size, name), **explicit}
+    values = {k: tuple(v) if isinstance(getattr(Config, k, None), tuple) else v
+              for k, v in values.items()}
+    cfg = Config(**values)
+    if not cfg.output_dir:
+        cfg.output_dir = str(Path("runs") / name)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config):
+    def need(ok, message):
+        if not ok:
+            raise DinoError(message)
+
+    need(cfg.arch in vit.ARCHS, f"--arch {cfg.arch} is unknown; choose one of {', '.join(vit.ARCHS)}")
+    need(cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}")
+    need(cfg.batch_size >= 1, f"--batch_size must be at least 1, got {cfg.batch_size}")
+    need(cfg.patch_size >= 1, f"--patch_size must be at least 1, got {cfg.patch_size}")
+    for flag in ("global_crops_size", "local_crops_size"):
+        size = getattr(cfg, flag)
+        need(size > 0 and size % cfg.patch_size == 0,
+             f"--{flag} {size} is not a positive multiple of --patch_size {cfg.patch_size}")
+    for flag in ("global_crops_scale", "local_crops_scale"):
+        lo, hi = getattr(cfg, flag)
+        need(0 < lo <= hi <= 1, f"--{flag} {lo} {hi} must satisfy 0 < min <= max <= 1")
+    need(cfg.local_crops_number >= 0, f"--local_crops_number must be >= 0, got {cfg.local_crops_number}")
+    need(cfg.out_dim >= 2, f"--out_dim must be at least 2, got {cfg.out_dim}")
+    for flag in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+        need(getattr(cfg, flag) > 0, f"--{flag} must be positive, got {getattr(cfg, flag)}")
+    for flag in ("momentum_teacher", "center_momentum"):
+        need(0 <= getattr(cfg, flag) <= 1, f"--{flag} must be in [0, 1], got {getattr(cfg, flag)}")
+    need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
+    need(cfg.warmup_epochs >= 0 and cfg.warmup_teacher_temp_epochs >= 0,
+         "--warmup_epochs and --warmup_teacher_temp_epochs must be >= 0")
+    need(cfg.optimizer in ("adamw", "sgd"), f"--optimizer {cfg.optimizer} is unknown; use adamw or sgd")
+    need(cfg.num_workers >= 0, f"--num_workers must be >= 0, got {cfg.num_workers}")
+
+
+def main(argv=None):
+    explicit = vars(build_parser().parse_args(argv))
+    name, train, evaluation = load_data(explicit.get("data", Config.data))
+    cfg = make_config(explicit, probe_image_size(train), name)
+    if len(train) < cfg.batch_size:
+        raise DinoError(f"the training split has {len(train)} images, fewer than --batch_size "
+                        f"{cfg.batch_size}; lower --batch_size")
+    trainer = Trainer(cfg, train, evaluation)
+    dev = trainer.device
+    n_params = sum(p.numel() for p in trainer.student.backbone.parameters()) / 1e6
+    print(f"DINO on {name}: {len(train)} training images, "
+          f"{len(evaluation) if evaluation is not None else 0} for evaluation | {cfg.arch}/"
+          f"{cfg.patch_size} ({n_params:.1f}M) | K={cfg.out_dim} | 2x{cfg.global_crops_size}px + "
+          f"{cfg.local_crops_number}x{cfg.local_crops_size}px views | batch {cfg.batch_size} | "
+          f"{cfg.epochs} epochs on {dev} | output {cfg.output_dir}")
+    trainer.resume()
+    if trainer.start_epoch >= cfg.epochs:
+        print(f"already trained for {cfg.epochs} epochs; raise --epochs to train further")
+    else:
+        try:
+            trainer.fit()
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: the last checkpoint is {trainer.checkpoint_path} "
+                  f"(epoch {len(trainer.history)}); run the same command to resume")
+            return 130
+    if evaluation is not None:
+        if not trainer.history or "knn_top1" not in trainer.history[-1]:
+            top1 = trainer.knn()
+        else:
+            top1 = trainer.history[-1]["knn_top1"]
+        print(f"weighted k-NN (k=20, T=0.07, teacher backbone) top-1 on the evaluation split: "
+              f"{top1:.2f}%")
+        print(f"knn top1@20={top1:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except DinoError as e:
+        sys.exit(f"error: {e}")
