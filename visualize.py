@@ -1,0 +1,571 @@
+"""Pictures of what DINO learns: attention maps, PCA of patch features, training curves, views.
+
+Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", ICCV 2021: Figure 1
+and Figure 3 show the last block's [CLS] attention per head, which segments objects without
+any label; Figure 7 shows the teacher's entropy and KL(P_t ‖ P_s) over training.
+
+Every figure is a function that returns a matplotlib Figure (and saves it when given a path),
+so notebooks call the same code as the command line. Figures are drawn with matplotlib's
+object-oriented API (no pyplot), rendered to PNG by the Agg backend: no display is needed.
+
+Run:  python visualize.py attention --checkpoint runs/shapes/checkpoint.pth   (built-in sample)
+      python visualize.py attention --pretrained dino_deitsmall16_pretrain.pth --image cat.jpg
+      python visualize.py pca --checkpoint runs/shapes/checkpoint.pth
+      python visualize.py curves --run runs/shapes
+      python visualize.py views                  (or --data ./cifar10 --index 7, or --image cat.jpg)
+      python visualize.py readme-figures --run runs/shapes     (all of the above into assets/)
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+import dino
+import vit
+
+DEFAULT_OUT = Path("runs") / "figures"  # for figures that come from no checkpoint (ignored by git)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Loading a ViT backbone: this project's checkpoints and the authors' released weights.
+# ------------------------------------------------------------------------------------------------
+
+def vit_state_dict(obj, source: str) -> dict:
+    """The backbone's state dict out of any of the layouts DINO checkpoints come in.
+
+    Accepted: a plain backbone dict (the authors' `dino_*_pretrain.pth`), or a full checkpoint
+    with `teacher` / `student` dicts whose keys carry `module.` (DDP) and `backbone.` / `head.`
+    prefixes (the authors' training checkpoints and this project's). The teacher is preferred:
+    it is the network the paper evaluates and draws.
+    """
+    if isinstance(obj, dict):
+        for key in ("teacher", "student"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict):
+        raise dino.DinoError(f"{source} holds a {type(obj).__name__}, not a state dict of a ViT")
+    state = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        key = key.removeprefix("module.").removeprefix("backbone.")
+        if not key.startswith("head."):  # the projection head is not part of the backbone
+            state[key] = value
+    needed = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight")
+    missing = [k for k in needed if k not in state]
+    if missing:
+        found = ", ".join(list(obj)[:4]) or "none"
+        raise dino.DinoError(f"{source} holds no ViT backbone (no {', '.join(missing)}; its first "
+                             f"keys are {found})")
+    return state
+
+
+def vit_from_state_dict(state: dict, source: str, num_heads: int | None = None) -> vit.VisionTransformer:
+    """Build the ViT whose sizes the weights have, and load them (strict).
+
+    The weights do not show the number of heads (qkv is (3D, D) for any split), so it comes from
+    vit.ARCHS by width, or from num_heads for a width not (or no longer) there.
+    """
+    width = state["cls_token"].shape[-1]  # cls_token: (1, 1, D)
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    patch = state["patch_embed.proj.weight"].shape[-1]  # (D, 3, p, p)
+    heads = num_heads or {dim: h for dim, _, h in vit.ARCHS.values()}.get(width)
+    if heads is None:
+        raise dino.DinoError(f"{source}: a ViT of width {width} is none of "
+                             f"{', '.join(f'{a} ({d})' for a, (d, _, _) in vit.ARCHS.items())}; "
+                             f"give --num_heads")
+    if width % heads:
+        raise dino.DinoError(f"{source}: width {width} does not split into {heads} heads")
+    mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / width
+    side = math.isqrt(state["pos_embed"].shape[1] - 1)  # pos_embed: (1, 1 + side², D)
+    model = vit.VisionTransformer(img_size=side * patch, patch_size=patch, embed_dim=width,
+                                  depth=depth, num_heads=heads, mlp_ratio=mlp_ratio)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        detail = (str(e).splitlines()[1:] or [str(e)])[0].strip()  # the first missing/extra key
+        raise dino.DinoError(f"{source} does not fit a ViT of width {width}, depth {depth}, patch "
+                             f"{patch}: {detail}") from None
+    return model.eval()
+
+
+def load_backbone(path, num_heads: int | None = None) -> vit.VisionTransformer:
+    """A ViT backbone from a checkpoint of dino.py or from the authors' released weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise dino.DinoError(f"checkpoint {path} does not exist")
+    source = str(path)
+    return vit_from_state_dict(vit_state_dict(dino.load_checkpoint(path), source), source, num_heads)
+
+
+def training_size(backbone: vit.VisionTransformer) -> int:
+    """Side in px of the images the position embedding was made for (global crop size)."""
+    return math.isqrt(backbone.pos_embed.shape[1] - 1) * backbone.patch_size
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Images: user files or built-in samples, cut to a multiple of the patch size.
+# ------------------------------------------------------------------------------------------------
+
+def read_image(path) -> torch.Tensor:
+    """An image file as (3, H, W) uint8."""
+    from torchvision.transforms.v2.functional import pil_to_tensor
+    path = Path(path)
+    if not path.is_file():
+        raise dino.DinoError(f"image {path} does not exist or is not a file")
+    image = dino.read_rgb(path)
+    if image is None:
+        raise dino.DinoError(f"image {path} could not be read (not an image, or damaged)")
+    return pil_to_tensor(image)
+
+
+def sample_images(n: int, size: int) -> list[torch.Tensor]:
+    """n held-out images of the built-in shapes set (the evaluation seed), drawn at size px."""
+    n_drawn = max(n, 8)  # image i depends on make_shapes' n: the first 8 are the same for n ≤ 8
+    return list(dino.make_shapes(n_drawn, seed=1, size=size).images[:n])
+
+
+def fit_to_patches(image: torch.Tensor, patch: int, size: int | None = None) -> torch.Tensor:
+    """Resize (3, H, W) uint8 so its shorter side is `size` (None: keep), then centre-crop both
+    sides down to a multiple of the patch size; returns a (3, H', W') float image in [0, 1]."""
+    x = image.float() / 255
+    if size is not None and min(x.shape[-2:]) != size:
+        H, W = x.shape[-2:]
+        scale = size / min(H, W)
+        x = F.interpolate(x[None], size=(max(1, round(H * scale)), max(1, round(W * scale))),
+                          mode="bicubic", antialias=True)[0].clamp(0, 1)
+    H, W = x.shape[-2:]
+    h, w = H // patch * patch, W // patch * patch
+    if h == 0 or w == 0:
+        raise dino.DinoError(f"an image of {H}x{W} px is smaller than one {patch} px patch")
+    top, left = (H - h) // 2, (W - w) // 2
+    return x[:, top:top + h, left:left + w]
+
+
+def show(ax, image, title=""):
+    """Draw (3, H, W) or (H, W, 3) in [0, 1] with visible pixels, no ticks."""
+    if image.shape[0] == 3:
+        image = rearrange(image, "c h w -> h w c")
+    ax.imshow(image.clamp(0, 1).numpy(), interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+
+
+def save(fig: Figure, path) -> Figure:
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=fig.dpi, bbox_inches="tight")
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Self-attention maps (paper Figures 1 and 3).
+# ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def cls_attention(backbone: vit.VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """Last block's attention of [CLS] to every token, (heads, N), for one image x (3, H, W) in
+    [0, 1]. Each row is a softmax over all N = 1 + patches tokens, so it sums to 1."""
+    attn = backbone.get_last_selfattention(dino.normalize(x[None]))  # (1, heads, N, N)
+    return attn[0, :, 0, :]  # (heads, N): the [CLS] query's row
+
+
+def attention_maps(backbone: vit.VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """[CLS]→patch attention of each head on the patch grid, (heads, H/p, W/p)."""
+    p = backbone.patch_size
+    to_patches = cls_attention(backbone, x)[:, 1:]  # drop [CLS]→[CLS]
+    return rearrange(to_patches, "nh (gh gw) -> nh gh gw", gh=x.shape[-2] // p, gw=x.shape[-1] // p)
+
+
+def attention_mask(attention: torch.Tensor, share: float = 0.6) -> torch.Tensor:
+    """The smallest set of positions holding at least `share` of the attention mass, per row.
+
+    attention: (..., n) non-negative; returns a bool tensor of the same shape.
+    """
+    # The paper's rule (Figure 3, 60 %): sort ascending, normalise to sum 1, cumulative sum, keep
+    # where cumsum > 1 − share. What is dropped are the smallest values whose mass is at most
+    # 1 − share, so the kept mass is ≥ share; keeping the largest values first makes it the
+    # smallest such set.
+    values, order = attention.sort(dim=-1)
+    values = values / values.sum(dim=-1, keepdim=True)
+    keep_sorted = values.cumsum(dim=-1) > 1 - share
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)  # back to input order
+
+
+def upsample(maps: torch.Tensor, patch: int) -> torch.Tensor:
+    """(..., gh, gw) → (..., gh·p, gw·p), each patch value repeated over its p x p pixels."""
+    return maps.repeat_interleave(patch, dim=-2).repeat_interleave(patch, dim=-1)
+
+
+def attention_figure(backbone: vit.VisionTransformer, image: torch.Tensor, share: float = 0.6,
+                     size: int | None = None, title: str = "", path=None) -> Figure:
+    """Top row: the image, each head's [CLS] attention, their mean. Bottom row: the masks that
+    keep `share` of each map's mass, drawn over the image (dimmed outside the mask).
+
+    image: (3, H, W) uint8 of any size; `size` px on its shorter side (None: the training size).
+    """
+    p = backbone.patch_size
+    x = fit_to_patches(image, p, size or training_size(backbone))
+    maps = attention_maps(backbone, x)  # (heads, gh, gw)
+    maps = torch.cat([maps, maps.mean(0, keepdim=True)])  # (heads + 1, gh, gw): the mean last
+    masks = rearrange(attention_mask(rearrange(maps, "m gh gw -> m (gh gw)"), share),
+                      "m (gh gw) -> m gh gw", gh=maps.shape[1])
+    heads = maps.shape[0] - 1
+    columns = heads + 2
+    fig = Figure(figsize=(1.6 * columns, 3.6), dpi=100, layout="constrained")
+    axes = fig.subplots(2, columns)
+    show(axes[0, 0], x, "image")
+    show(axes[1, 0], x, f"masks keep {share:.0%}\nof the mass")
+    for j in range(heads + 1):
+        name = f"head {j + 1}" if j < heads else "mean of heads"
+        axes[0, j + 1].imshow(upsample(maps[j], p).numpy(), cmap="inferno", interpolation="nearest")
+        axes[0, j + 1].set_title(name, fontsize=9)
+        axes[0, j + 1].set_axis_off()
+        dim = 0.2 + 0.8 * upsample(masks[j], p).float()  # (H, W): 1 inside the mask, 0.2 outside
+        show(axes[1, j + 1], x * dim)
+    fig.suptitle(title or f"last-block [CLS] attention, {heads} heads, {p} px patches", fontsize=10)
+    return save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. PCA of patch features: the first three components as RGB.
+# ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def patch_features(backbone: vit.VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """Last block's normed patch tokens of one image x (3, H, W) in [0, 1], (H/p, W/p, D)."""
+    p = backbone.patch_size
+    tokens = backbone.get_intermediate_layers(dino.normalize(x[None]), n=1)[0]  # (1, N, D)
+    return rearrange(tokens[0, 1:], "(gh gw) d -> gh gw d", gh=x.shape[-2] // p, gw=x.shape[-1] // p)
+
+
+def pca_rgb(features: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Project every image's patch features (gh, gw, D) on the first 3 principal components of
+    all images' patches together, so one part gets one colour in every image; (gh, gw, 3) in [0, 1]."""
+    X = torch.cat([rearrange(f, "gh gw d -> (gh gw) d") for f in features]).double()  # (n, D)
+    X = X - X.mean(0)
+    # $$X = U S V^\top$$; the principal directions are the first columns of V
+    _, _, Vt = torch.linalg.svd(X, full_matrices=False)
+    Z = X @ Vt[:3].T  # (n, 3): scores on the first 3 components
+    Z = F.pad(Z, (0, 3 - Z.shape[1]))  # fewer than 3 patches or dimensions: black channels
+    # min-max over all images, per component, so colours compare across images
+    Z = (Z - Z.min(0).values) / (Z.max(0).values - Z.min(0).values).clamp_min(1e-12)
+    out, start = [], 0
+    for f in features:
+        gh, gw = f.shape[:2]
+        out.append(rearrange(Z[start:start + gh * gw].float(), "(gh gw) c -> gh gw c", gh=gh))
+        start += gh * gw
+    return out
+
+
+def pca_figure(backbone: vit.VisionTransformer, images: list[torch.Tensor], size: int | None = None,
+               path=None) -> Figure:
+    """Top row: the images; bottom row: their patch features' first 3 principal components as RGB."""
+    p = backbone.patch_size
+    xs = [fit_to_patches(im, p, size or training_size(backbone)) for im in images]
+    rgb = pca_rgb([patch_features(backbone, x) for x in xs])
+    fig = Figure(figsize=(1.6 * len(xs), 3.6), dpi=100, layout="constrained")
+    axes = fig.subplots(2, len(xs), squeeze=False)
+    for j, (x, c) in enumerate(zip(xs, rgb)):
+        show(axes[0, j], x)
+        show(axes[1, j], upsample(rearrange(c, "gh gw c -> c gh gw"), p))
+    fig.suptitle("patch features: first 3 principal components (one PCA over all images) as RGB",
+                 fontsize=10)
+    return save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Training curves from log.jsonl (paper Figure 7 for one run).
+# ------------------------------------------------------------------------------------------------
+
+def read_log(run_dir) -> list[dict]:
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        raise dino.DinoError(f"{path} does not exist; --run takes the --output_dir of a dino.py run")
+    records = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise dino.DinoError(f"{path}, line {i}, is not JSON") from None
+    if not records:
+        raise dino.DinoError(f"{path} is empty: no epoch has finished yet")
+    return records
+
+
+def curves_figure(records: list[dict], title: str = "", path=None) -> Figure:
+    """Loss, collapse diagnostics, k-NN accuracy and the schedules, one panel each, over epochs."""
+    epochs = [r["epoch"] for r in records]
+    fig = Figure(figsize=(13, 5.6), dpi=100, layout="constrained")
+    axes = fig.subplots(2, 4)
+
+    def panel(ax, key, label, **style):
+        ys = [r.get(key, math.nan) for r in records]
+        ax.plot(epochs, ys, "o-", markersize=3, **style)
+        style_axis(ax, label)
+
+    def style_axis(ax, label):
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+
+    panel(axes[0, 0], "loss", "DINO loss  H(P_t, P_s)")
+    ax = axes[0, 1]
+    panel(ax, "teacher_entropy", "teacher entropy h(P_t)")
+    # Figure 7: h(P_t) → 0 is collapse to one dimension, h(P_t) → log K to the uniform distribution
+    log_K = records[-1]["log_K"]
+    ax.axhline(0, color="tab:red", ls="--", lw=1, label="0: one-dimension collapse")
+    ax.axhline(log_K, color="tab:purple", ls="--", lw=1, label=f"log K = {log_K:.2f}: uniform")
+    ax.legend(fontsize=7, loc="best")
+    panel(axes[0, 2], "kl", "KL(P_t ‖ P_s) = loss − h(P_t)")
+    ax = axes[0, 3]
+    knn = [(r["epoch"], r["knn_top1"]) for r in records if "knn_top1" in r]
+    if knn:
+        ax.plot(*zip(*knn), "o-", color="tab:green", markersize=4)
+        ax.set_ylim(0, 100)
+    else:
+        ax.text(0.5, 0.5, "no k-NN measured\n(dino.py --knn_every N)", ha="center", va="center",
+                transform=ax.transAxes)
+    style_axis(ax, "k-NN top-1 (%)")
+    panel(axes[1, 0], "lr", "learning rate (end of epoch)", color="tab:orange")
+    panel(axes[1, 1], "wd", "weight decay", color="tab:orange")
+    panel(axes[1, 2], "momentum", "teacher momentum λ", color="tab:orange")
+    panel(axes[1, 3], "teacher_temp", "teacher temperature τ_t", color="tab:orange")
+    fig.suptitle(title or f"training curves, {len(records)} epochs", fontsize=11)
+    return save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Multi-crop views: the augmentation pipeline made visible.
+# ------------------------------------------------------------------------------------------------
+
+def unnormalize(x: torch.Tensor) -> torch.Tensor:
+    """Undo dino.normalize: x · std + mean, (n, 3, S, S) back to [0, 1]."""
+    mean = torch.tensor(dino.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(dino.IMAGENET_STD).view(1, 3, 1, 1)
+    return (x * std + mean).clamp(0, 1)
+
+
+def make_views(data: dino.ImageSet, index: int, cfg: dino.Config, seed: int = 0) -> tuple:
+    """(original (3, H, W) uint8, views [(3, S, S) in [0, 1]]) of one image, as training makes them."""
+    generator = torch.Generator().manual_seed(seed)
+    names = dino.view_names(cfg.local_crops_number)
+    if data.images is not None:
+        original = data.images[index]
+        views = dino.multicrop(original[None], cfg, generator)  # list of (1, 3, S, S), normalised
+    else:
+        torch.manual_seed(seed)  # torchvision's crops draw from the global generator
+        crops, bad = dino.FolderMultiCrop(data, cfg)[index]
+        if crops is None:
+            raise dino.DinoError(f"image {bad} could not be read (not an image, or damaged)")
+        original = read_image(data.files[index])
+        views = [dino.normalize(dino.photometric(c[None].float() / 255, dino.VIEW_SPECS[name],
+                                                 generator))
+                 for name, c in zip(names, crops)]
+    return original, [unnormalize(v)[0] for v in views]
+
+
+def views_figure(original: torch.Tensor, views: list[torch.Tensor], path=None) -> Figure:
+    """Top row: the image and the 2 global views (teacher and student); bottom: the local views
+    (student only). Panels share one pixel scale, so local views look as small as they are."""
+    n_local = len(views) - 2
+    columns = max(3, n_local)
+    big = max(v.shape[-1] for v in views)
+    fig = Figure(figsize=(1.7 * columns, 4.0), dpi=100, layout="constrained")
+    axes = fig.subplots(2, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    H, W = original.shape[-2:]
+    show(axes[0, 0], original.float() / 255, f"image, {W}x{H} px")
+    for j, v in enumerate(views):
+        S = v.shape[-1]
+        ax = axes[0, j + 1] if j < 2 else axes[1, j - 2]
+        who = "teacher + student" if j < 2 else "student"
+        name = f"global {j + 1}" if j < 2 else f"local {j - 1}"
+        pad = (big - S) / 2  # centre smaller views in a frame of the global size
+        ax.imshow(rearrange(v, "c h w -> h w c").numpy(), interpolation="nearest",
+                  extent=(pad, pad + S, pad + S, pad))
+        ax.set_xlim(0, big)
+        ax.set_ylim(big, 0)
+        ax.set_title(f"{name}, {S} px\n({who})", fontsize=8)
+    fig.suptitle(f"multi-crop: {len(views) - n_local} global + {n_local} local views of one image",
+                 fontsize=10)
+    return save(fig, path)
+
+
+def config_from_checkpoint(path) -> dino.Config:
+    """The Config a dino.py run was trained with (JSON turned its tuples into lists)."""
+    ck = dino.load_checkpoint(Path(path))
+    if not isinstance(ck, dict) or not isinstance(ck.get("config"), dict):
+        raise dino.DinoError(f"{path} is not a checkpoint of dino.py (it has no config)")
+    fields = {f.name: f.default for f in dataclasses.fields(dino.Config)}
+    return dino.Config(**{k: tuple(v) if isinstance(fields[k], tuple) else v
+                          for k, v in ck["config"].items() if k in fields})
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Command line.
+# ------------------------------------------------------------------------------------------------
+
+def model_and_out(args):
+    """The backbone asked for, and the output folder: --out, else next to the weights."""
+    path = args.checkpoint or args.pretrained
+    if path is None:
+        raise dino.DinoError("give --checkpoint (a dino.py checkpoint) or --pretrained (ViT weights)")
+    return load_backbone(path, args.num_heads), Path(args.out) if args.out else Path(path).parent
+
+
+def run_attention(args):
+    backbone, out = model_and_out(args)
+    size = args.image_size or training_size(backbone)
+    if args.image:
+        images = [(Path(f).stem, read_image(f)) for f in args.image]
+    else:
+        images = [("sample", sample_images(1, size)[0])]
+    written = []
+    for stem, image in images:
+        path = out / f"attention_{stem}.png"
+        attention_figure(backbone, image, args.share, size, path=path)
+        written.append(path)
+    return written
+
+
+def run_pca(args):
+    backbone, out = model_and_out(args)
+    size = args.image_size or training_size(backbone)
+    images = [read_image(f) for f in args.image] if args.image else sample_images(args.samples, size)
+    path = out / "pca.png"
+    pca_figure(backbone, images, size, path=path)
+    return [path]
+
+
+def run_curves(args):
+    path = (Path(args.out) if args.out else Path(args.run)) / "curves.png"
+    curves_figure(read_log(args.run), title=f"{args.run}: training curves", path=path)
+    return [path]
+
+
+def run_views(args):
+    if args.image:
+        read_image(args.image)  # a one-line error for a missing or unreadable file
+        name, data = "image", dino.ImageSet(labels=torch.zeros(1, dtype=torch.long),
+                                            classes=["image"], files=[args.image])
+    elif args.data:
+        name, data, _ = dino.load_data(args.data)
+    else:
+        name, data = "shapes", in_memory(sample_images(1, 32)[0])
+    if not 0 <= args.index < len(data):
+        raise dino.DinoError(f"--index {args.index} is outside the {len(data)} images")
+    if args.checkpoint:
+        cfg = config_from_checkpoint(args.checkpoint)
+    else:
+        cfg = dino.make_config({}, dino.probe_image_size(data), name)
+    original, views = make_views(data, args.index, cfg, args.seed)
+    path = (Path(args.out) if args.out else DEFAULT_OUT) / "views.png"
+    views_figure(original, views, path=path)
+    return [path]
+
+
+def in_memory(image: torch.Tensor) -> dino.ImageSet:
+    """One (3, H, W) uint8 image as a data set of dino.py."""
+    return dino.ImageSet(labels=torch.zeros(1, dtype=torch.long), classes=["sample"],
+                         images=image[None])
+
+
+def run_readme_figures(args):
+    """The README's four pictures from one run of dino.py: its teacher's attention and patch
+    features on held-out shapes, its log, and the views its settings cut from one image."""
+    run = Path(args.run)
+    out = Path(args.out) if args.out else Path("assets")
+    checkpoint = run / "checkpoint.pth"
+    backbone = load_backbone(checkpoint, args.num_heads)
+    size = training_size(backbone)
+    samples = sample_images(args.samples, size)
+    written = [out / "attention.png", out / "pca.png", out / "curves.png", out / "views.png"]
+    attention_figure(backbone, samples[0], args.share, size, path=written[0])
+    pca_figure(backbone, samples, size, path=written[1])
+    curves_figure(read_log(run), title=f"{run}: training curves", path=written[2])
+    # the views of the image whose attention is drawn, cut as this run's training cut them
+    views_figure(*make_views(in_memory(samples[0]), 0, config_from_checkpoint(checkpoint)),
+                 path=written[3])
+    return written
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def model_flags(p):
+        p.add_argument("--checkpoint", help="checkpoint.pth of dino.py (its teacher is drawn)")
+        p.add_argument("--pretrained", help="ViT weights in the authors' format (plain backbone "
+                                            "dict or full checkpoint); size and patch read from them")
+        p.add_argument("--image", action="append", help="image file; repeat for several "
+                                                        "(default: built-in shapes samples)")
+        p.add_argument("--image_size", type=int, default=0,
+                       help="shorter side in px before cropping to a multiple of the patch "
+                            "(default: the model's training size)")
+        p.add_argument("--out", help="output folder (default: next to the checkpoint)")
+        p.add_argument("--num_heads", type=int, help="heads per block, for a width not in vit.ARCHS")
+
+    p = commands.add_parser("attention", help="per-head [CLS] attention maps and masks, one PNG per image")
+    model_flags(p)
+    p.add_argument("--share", type=float, default=0.6,
+                   help="mask keeps this share of each head's attention mass (paper Figure 3: 0.6)")
+    p = commands.add_parser("pca", help="first 3 principal components of patch features as RGB")
+    model_flags(p)
+    p.add_argument("--samples", type=int, default=6, help="built-in samples when no --image")
+    p = commands.add_parser("curves", help="loss, entropy, KL, k-NN and schedules from log.jsonl")
+    p.add_argument("--run", required=True, help="the --output_dir of a dino.py run")
+    p.add_argument("--out", help="output folder (default: the run folder)")
+    p = commands.add_parser("views", help="one image and its multi-crop views")
+    p.add_argument("--data", help="as dino.py --data (default: a built-in shapes sample)")
+    p.add_argument("--image", help="one image file instead of --data")
+    p.add_argument("--index", type=int, default=0, help="which training image of --data")
+    p.add_argument("--checkpoint", help="take crop sizes and counts from this run's config")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random crops and colours")
+    p.add_argument("--out", help=f"output folder (default: {DEFAULT_OUT})")
+    p = commands.add_parser("readme-figures", help="the README's four pictures from one run")
+    p.add_argument("--run", required=True, help="the --output_dir of a dino.py run")
+    p.add_argument("--out", help="output folder (default: assets)")
+    p.add_argument("--share", type=float, default=0.6)
+    p.add_argument("--samples", type=int, default=6)
+    p.add_argument("--num_heads", type=int, help="heads per block, for a width not in vit.ARCHS")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if "samples" in args and args.samples < 1:
+        raise dino.DinoError(f"--samples must be positive, got {args.samples}")
+    if "share" in args and not 0 < args.share < 1:
+        raise dino.DinoError(f"--share must be between 0 and 1, got {args.share}")
+    if "image_size" in args and args.image_size < 0:
+        raise dino.DinoError(f"--image_size must be positive, got {args.image_size}")
+    if "num_heads" in args and args.num_heads is not None and args.num_heads < 1:
+        raise dino.DinoError(f"--num_heads must be positive, got {args.num_heads}")
+    run = {"attention": run_attention, "pca": run_pca, "curves": run_curves, "views": run_views,
+           "readme-figures": run_readme_figures}[args.command]
+    for path in run(args):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except dino.DinoError as e:
+        sys.exit(f"error: {e}")
