@@ -26,7 +26,6 @@ import math
 import resource
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import torch
@@ -246,27 +245,6 @@ def probe_accuracy(probe, features, labels, chunk_size=4096):
 #    released ViT weights (a plain backbone state dict or a full checkpoint with prefixes).
 # ------------------------------------------------------------------------------------------------
 
-def read_weights_file(path):
-    """torch.load(path, weights_only=True) with every failure as a one-line DinoError."""
-    import dino
-    path = Path(path)
-    if not path.is_file():
-        raise dino.DinoError(f"{path} does not exist or is not a file")
-    # torch.save writes a zip archive (legacy: a pickle, whose first byte is 0x80)
-    with open(path, "rb") as f:
-        first = f.read(1)
-    if not zipfile.is_zipfile(path) and first != b"\x80":
-        raise dino.DinoError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a "
-                             f"pickle as torch.save writes)")
-    try:
-        return dino.load_checkpoint(path)
-    except dino.DinoError:
-        raise
-    except Exception as e:  # a damaged archive can fail in many ways inside torch.load
-        raise dino.DinoError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else 'no message'})") from None
-
-
 def backbone_state_dict(state_dict):
     """Strip the authors' prefixes: `module.` (DistributedDataParallel) and `backbone.`
     (MultiCropWrapper); the projection head (`head.*`) is dropped."""
@@ -326,7 +304,7 @@ def load_pretrained(path, weights="teacher"):
     {"teacher": {...}, "student": {"module.backbone.…": …}}. Returns (backbone, arch, resolution).
     """
     import dino
-    obj = read_weights_file(path)
+    obj = dino.load_checkpoint(path)
     if not isinstance(obj, dict):
         raise dino.DinoError(f"{path} holds a {type(obj).__name__}, not a state dict")
     if "teacher" in obj or "student" in obj:
@@ -345,7 +323,7 @@ def load_dino_checkpoint(path, weights="teacher"):
     size and global crop size, and the weights must fit it exactly.
     """
     import dino
-    ck = read_weights_file(path)
+    ck = dino.load_checkpoint(path)
     if not isinstance(ck, dict) or not isinstance(ck.get("teacher"), dict) \
             or not isinstance(ck.get("student"), dict):
         raise dino.DinoError(f"{path} is not a DINO checkpoint (it has no 'teacher' and 'student' "
@@ -499,7 +477,7 @@ def compute_features(args, device, log):
 
 def read_features(path, need_probe):
     import dino
-    features = read_weights_file(path)
+    features = dino.load_checkpoint(path)
     keys = {"train_features", "train_labels", "test_features", "test_labels", "classes"}
     if not isinstance(features, dict) or not keys <= set(features):
         raise dino.DinoError(f"{path} is not a features file written by --save_features")

@@ -190,7 +190,7 @@ def _init_weights(m):
 # nano is this project's: small enough to train usefully on a 2-core laptop CPU in minutes.
 ARCHS = {
     #            D    depth heads
-    "vit_nano": (128, 4, 4),
+    "vit_nano": (64, 4, 4),
     "vit_tiny": (192, 12, 3),
     "vit_small": (384, 12, 6),
     "vit_base": (768, 12, 12),

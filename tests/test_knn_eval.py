@@ -203,9 +203,9 @@ def test_pretrained_weights_in_the_authors_formats(tmp_path):
 
 def test_pretrained_tiny_vit_of_unusual_depth_gives_the_same_features(tmp_path):
     torch.manual_seed(0)
-    original = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=4).eval()
+    original = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4).eval()
     weights = {"backbone." + k: v for k, v in original.state_dict().items()}
-    weights["head.mlp.0.weight"] = torch.zeros(4, 128)  # the projection head is dropped
+    weights["head.mlp.0.weight"] = torch.zeros(4, 64)  # the projection head is dropped
     torch.save({"teacher": weights, "student": {}}, tmp_path / "w.pth")
     model, arch, size = knn_eval.load_pretrained(tmp_path / "w.pth", "teacher")
     assert (arch, model.patch_size, size) == ("vit_nano (depth 2)", 8, 32)

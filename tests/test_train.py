@@ -34,7 +34,9 @@ def test_short_training_lowers_the_loss_and_resumes(tmp_path, tiny_data):
     cfg = dino.make_config(explicit, image_size=32, name="shapes")
     history = dino.Trainer(cfg, train, evaluation, quiet=True).fit(log=lambda *_: None)
     assert len(history) == 4
-    assert history[-1]["loss"] < history[0]["loss"]
+    # H(P_t, P_s) = h(P_t) + KL(P_t ‖ P_s): the student's gradient acts on the KL part, which falls
+    # (the entropy part follows the teacher and may rise in early training)
+    assert history[-1]["kl"] < history[0]["kl"]
     log = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
     for key in ("epoch", "loss", "lr", "teacher_entropy", "kl", "center_norm", "seconds"):
         assert key in log[0]
@@ -51,6 +53,19 @@ def test_short_training_lowers_the_loss_and_resumes(tmp_path, tiny_data):
     torch.testing.assert_close(trainer.center.cpu(), ck["center"])
     history = trainer.fit(log=lambda *_: None)
     assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5, 6]
+
+
+def test_student_overfits_one_batch(tiny_data):
+    """llm.c's debugging default: with fixed targets (teacher frozen by λ = 1, center off), the
+    student's loss on one batch falls."""
+    train, _ = tiny_data
+    cfg = dino.make_config(dict(momentum_teacher=1.0, centering=False, out_dim=64, hidden_dim=64, bottleneck_dim=32,
+                                local_crops_number=2, batch_size=32, device="cpu", freeze_last_layer=0,
+                                warmup_epochs=0, lr=0.004, output_dir="unused"), 32, "shapes")
+    trainer = dino.Trainer(cfg, train, None, quiet=True)
+    views = dino.multicrop(train.images[:32], cfg, torch.Generator().manual_seed(0))
+    losses = [trainer.train_step(views, it=i, epoch=1)[0].item() for i in range(25)]
+    assert losses[-1] < losses[0] - 0.3, losses  # measured: 2.61 → 1.82
 
 
 def test_resume_is_exact_at_epoch_boundaries(tmp_path, tiny_data):
