@@ -752,13 +752,15 @@ def update_teacher(teacher, student, momentum):
 
 def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0, start_warmup=0.0):
     """Linear warm-up from start_warmup to base, then a cosine from base to final."""
-    warmup = torch.linspace(start_warmup, base, warmup_epochs * steps_per_epoch + 1)[:-1]
-    T = epochs * steps_per_epoch - len(warmup) - 1  # the cosine runs over steps t = 0 … T
+    total = epochs * steps_per_epoch
+    warmup_steps = min(warmup_epochs * steps_per_epoch, total)  # a warm-up longer than the run is cut
+    warmup = torch.linspace(start_warmup, base, warmup_epochs * steps_per_epoch + 1)[:warmup_steps]
+    T = total - warmup_steps - 1  # the cosine runs over steps t = 0 … T
     t = torch.arange(T + 1, dtype=torch.float64)
     # $$v_t = v_{final} + \tfrac{1}{2}(v_{base} - v_{final})\big(1 + \cos(\pi t / T)\big)$$
     # (the authors divide by T + 1, so their last value falls just short of v_final)
     cosine = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * t / max(T, 1)))
-    return torch.cat([warmup.double(), cosine])[:epochs * steps_per_epoch]
+    return torch.cat([warmup.double(), cosine])
 
 
 def teacher_temp_schedule(cfg: Config):

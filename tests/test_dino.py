@@ -131,6 +131,11 @@ def test_schedules_first_warmup_end_and_last_values():
     assert tau[-1] == pytest.approx(0.07)
 
 
+def test_warmup_longer_than_training_is_cut():
+    lr = dino.cosine_schedule(1.0, 0.0, epochs=1, steps_per_epoch=4, warmup_epochs=10)
+    torch.testing.assert_close(lr, torch.tensor([0.0, 0.025, 0.05, 0.075], dtype=torch.float64))
+
+
 def test_teacher_temperature_warmup_longer_than_training():
     tau = dino.teacher_temp_schedule(dino.Config(epochs=3, warmup_teacher_temp_epochs=30))
     assert len(tau) == 3 and tau[0] == pytest.approx(0.04) and tau[2] < 0.05
