@@ -903,13 +903,14 @@ class Trainer:
         return loss.detach(), stats
 
     # -- epochs -----------------------------------------------------------------------------------
-    def fit(self, log=print):
+    def fit(self, log=print, stop_after=None):
+        """Train from start_epoch to cfg.epochs (or to epoch stop_after, as an interruption would)."""
         from tqdm.auto import tqdm
         cfg = self.cfg
         self.output_dir.mkdir(parents=True, exist_ok=True)
         log_K = math.log(cfg.out_dim)
         started = time.time()
-        for epoch in range(self.start_epoch, cfg.epochs):
+        for epoch in range(self.start_epoch, stop_after or cfg.epochs):
             t0 = time.time()
             self.student.train()
             sums = torch.zeros(3, device=self.device)  # loss, entropy, kl

@@ -294,7 +294,7 @@ def test_command_line_linear_probe_and_raw_pixels(image_folder, checkpoint):
     path, _, _ = checkpoint
     lines = run_main("--checkpoint", path, "--data", image_folder, "--device", "cpu", "--linear",
                      "--n_last_blocks", "2", "--avgpool", "--epochs", "3")
-    assert any("linear probe on [CLS] of the last 2 block(s) + mean patch token (384-d)" in l for l in lines)
+    assert any("linear probe on [CLS] of the last 2 block(s) + mean patch token (192-d)" in l for l in lines)
     assert lines[-2].startswith("linear top1=") and lines[-1].startswith("knn top1@20=")
     lines = run_main("--raw_pixels", "--data", image_folder, "--k", "1")
     assert "raw pixels (32 px centre views)" in lines[0]

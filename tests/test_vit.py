@@ -37,8 +37,8 @@ def test_paper_sizes(arch, dim, depth, heads):
 def test_global_and_local_crops_share_one_model():
     torch.manual_seed(0)
     model = vit.vit_nano(patch_size=4, img_size=32).eval()
-    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 128)
-    assert model(torch.randn(5, 3, 16, 16)).shape == (5, 128)  # 4x4 grid: interpolated pos_embed
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 64)
+    assert model(torch.randn(5, 3, 16, 16)).shape == (5, 64)  # 4x4 grid: interpolated pos_embed
     attn = model.get_last_selfattention(torch.randn(2, 3, 16, 16))
     assert attn.shape == (2, 4, 17, 17)
 
@@ -48,7 +48,7 @@ def test_interpolated_position_embedding_is_identity_at_training_size():
     assert model.interpolate_pos_encoding(8, 8) is model.pos_embed
     # bicubic resize to the same grid reproduces the table (a check of the reshape order)
     resized = model.interpolate_pos_encoding(8, 9)[:, 1:]
-    assert resized.shape == (1, 72, 128)
+    assert resized.shape == (1, 72, 64)
 
 
 def test_explicit_attention_equals_sdpa_path():
@@ -62,8 +62,8 @@ def test_explicit_attention_equals_sdpa_path():
     fused, _ = last.attn(last.norm1(tokens))
     explicit_attn = model.get_last_selfattention(x)  # (B, h, N, N)
     # recompute the explicit output from the returned weights and compare with the SDPA output
-    q, k, v = last.attn.qkv(last.norm1(tokens)).reshape(3, 65, 3, 4, 32).permute(2, 0, 3, 1, 4)
-    explicit = last.attn.proj((explicit_attn @ v).transpose(1, 2).reshape(3, 65, 128))
+    q, k, v = last.attn.qkv(last.norm1(tokens)).reshape(3, 65, 3, 4, 16).permute(2, 0, 3, 1, 4)
+    explicit = last.attn.proj((explicit_attn @ v).transpose(1, 2).reshape(3, 65, 64))
     torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(explicit_attn.sum(-1), torch.ones(3, 4, 65))
 
@@ -73,7 +73,7 @@ def test_intermediate_layers_end_with_forward_output():
     model = vit.vit_nano(patch_size=4, img_size=32).eval()
     x = torch.randn(2, 3, 32, 32)
     layers = model.get_intermediate_layers(x, n=2)
-    assert len(layers) == 2 and layers[-1].shape == (2, 65, 128)
+    assert len(layers) == 2 and layers[-1].shape == (2, 65, 64)
     torch.testing.assert_close(layers[-1][:, 0], model(x))
 
 
