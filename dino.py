@@ -106,6 +106,9 @@ class Config:
     device: str = knob("auto", "auto | cpu | cuda | cuda:N")
     num_workers: int = knob(4, "data-loading processes for image folders")
     knn_every: int = knob(0, "run the k-NN monitor every N epochs (0 = only at the end)")
+    precision: str = knob("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32")
+    compile: bool = knob(False, "torch.compile the networks (same loss as eager within "
+                                "tolerance; the first steps are slow while it compiles)")
     time_limit: float = knob(0.0, "stop training after this many minutes, at an epoch boundary "
                                   "(0 = no limit)")
 
@@ -343,39 +346,74 @@ VIEW_SPECS = {
 }
 JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)  # ColorJitter strengths
 BLUR_SIGMA = (0.1, 2.0)  # px at 224 px; scaled with the crop size so small images are not erased
-GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L")
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # luma weights of torchvision's rgb_to_grayscale
 
 
 def view_names(n_local: int) -> list[str]:
     return ["global1", "global2"] + ["local"] * n_local
 
 
+def step_generator(seed: int, epoch: int, step: int, device) -> torch.Generator:
+    """The generator of one step's augmentations: a pure function of (seed, epoch, step), so a
+    resumed run draws the same views as an uninterrupted one, and on the device, so drawing
+    the random parameters never waits for the GPU."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + step)
+
+
 def sample_crop_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), generator=None, tries=10):
     """torchvision's RandomResizedCrop.get_params for n images at once: (n, 4) as (top, left, h, w)."""
+    dev = generator.device if generator is not None else "cpu"
     area = height * width
-    target = area * torch.empty(n, tries).uniform_(*scale, generator=generator)
-    log_r = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    target = area * torch.empty(n, tries, device=dev).uniform_(*scale, generator=generator)
+    log_r = torch.empty(n, tries, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]),
+                                                       generator=generator)
     aspect = torch.exp(log_r)
     w = torch.sqrt(target * aspect).round()
     h = torch.sqrt(target / aspect).round()
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = ok.float().argmax(1)  # first try that fits
-    w = w[torch.arange(n), first]
-    h = h[torch.arange(n), first]
+    first = ok.float().argmax(1, keepdim=True)  # first try that fits
+    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
     # fallback when no try fits: the whole image (ratio-clamped), as torchvision does
     none = ~ok.any(1)
-    w = torch.where(none, torch.tensor(float(min(width, round(height * ratio[1])))), w)
-    h = torch.where(none, torch.tensor(float(min(height, round(width / ratio[0])))), h)
-    top = (torch.rand(n, generator=generator) * (height - h + 1)).floor()
-    left = (torch.rand(n, generator=generator) * (width - w + 1)).floor()
+    w = torch.where(none, float(min(width, round(height * ratio[1]))), w)
+    h = torch.where(none, float(min(height, round(width / ratio[0]))), h)
+    top = (torch.rand(n, generator=generator, device=dev) * (height - h + 1)).floor()
+    left = (torch.rand(n, generator=generator, device=dev) * (width - w + 1)).floor()
     return torch.stack([top, left, h, w], dim=1)
+
+
+def sample_view_params(n, height, width, size, scale, spec: "ViewSpec", generator):
+    """Every random choice of one view for n images, drawn on the generator's device.
+
+    The one specification both augmentation paths follow: VIEW_SPECS gives the probabilities,
+    JITTER the ranges (torchvision's ColorJitter: factors uniform in [1 - s, 1 + s], hue shift
+    in [-h, h], the four operations in a random order), BLUR_SIGMA the blur's σ range.
+    """
+    dev = generator.device
+    rand = lambda *shape: torch.rand(*shape, generator=generator, device=dev)
+    b, c, s, h = (JITTER[k] for k in ("brightness", "contrast", "saturation", "hue"))
+    lo, hi = (sigma * size / 224 for sigma in BLUR_SIGMA)  # σ is given for 224 px views
+    return dict(
+        box=sample_crop_boxes(n, height, width, scale, generator=generator),  # (n, 4)
+        flip=rand(n) < spec.flip,
+        jitter=rand(n) < spec.jitter,
+        factors=torch.stack([1 - b + 2 * b * rand(n), 1 - c + 2 * c * rand(n),
+                             1 - s + 2 * s * rand(n), h * (2 * rand(n) - 1)], dim=1),  # (n, 4)
+        order=torch.argsort(rand(n, 4), dim=1),  # jitter operation applied at each of 4 steps
+        gray=rand(n) < spec.gray,
+        blur=rand(n) < spec.blur,
+        sigma=lo + (hi - lo) * rand(n),
+        solarize=rand(n) < spec.solarize,
+    )
 
 
 def crop_resize_flip(images, boxes, flips, size):
     """Crop boxes (n, 4) out of images (n, 3, H, W), resize to size x size (bicubic), flip some.
 
-    One affine grid_sample per batch. The authors resize PIL crops bicubically with antialiasing;
-    for 32 px images every crop is enlarged, where antialiasing does nothing.
+    One affine grid_sample per batch; for a fixed box this equals torchvision's
+    resized_crop(..., BICUBIC) when the crop is enlarged (tested). The authors resize PIL crops
+    bicubically with antialiasing, which only matters when a crop is shrunk: on 32 px images,
+    a local crop can be shrunk slightly (up to ~18 px → 16 px) and we skip the antialiasing.
     """
     n, _, H, W = images.shape
     top, left, h, w = boxes.to(images.device, images.dtype).unbind(1)
@@ -389,6 +427,9 @@ def crop_resize_flip(images, boxes, flips, size):
     out = F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False)
     return out.clamp(0, 1)
 
+
+# The colour operations below follow torchvision's tensor implementations (tests compare them
+# pixel for pixel); x is (n, 3, H, W) in [0, 1], factors are (n,), one per image.
 
 def grayscale(x):
     r, g, b = x.unbind(-3)
@@ -426,27 +467,38 @@ def hsv_to_rgb(x):
     return out
 
 
-def adjust_brightness(x, factor):  # factor: (n, 1, 1, 1)
-    return (x * factor).clamp(0, 1)
+def _per_image(factor):
+    return factor.view(-1, 1, 1, 1)
+
+
+def adjust_brightness(x, factor):
+    return (_per_image(factor) * x).clamp(0, 1)
 
 
 def adjust_contrast(x, factor):
     mean = grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
-    return (factor * x + (1 - factor) * mean).clamp(0, 1)
+    return (_per_image(factor) * x + (1 - _per_image(factor)) * mean).clamp(0, 1)
 
 
 def adjust_saturation(x, factor):
-    return (factor * x + (1 - factor) * grayscale(x)).clamp(0, 1)
+    return (_per_image(factor) * x + (1 - _per_image(factor)) * grayscale(x)).clamp(0, 1)
 
 
 def adjust_hue(x, shift):
     hsv = rgb_to_hsv(x)
-    h = (hsv[:, :1] + shift) % 1.0
+    h = (hsv[:, :1] + _per_image(shift)) % 1.0
     return hsv_to_rgb(torch.cat([h, hsv[:, 1:]], dim=1))
 
 
+JITTER_OPS = [adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue]
+
+
 def gaussian_blur(x, sigma, max_sigma):
-    """Blur each image with its own σ: separable kernels through a grouped convolution."""
+    """Blur each image with its own σ: separable kernels through a grouped convolution.
+
+    The kernel's radius ceil(3 · max_sigma) is shared by the batch; for one σ this equals
+    torchvision's gaussian_blur with kernel size 2 · radius + 1 (reflect padding; tested).
+    """
     n, c, H, W = x.shape
     radius = max(1, min(math.ceil(3 * max_sigma), min(H, W) - 1))
     offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
@@ -461,37 +513,35 @@ def gaussian_blur(x, sigma, max_sigma):
     return rearrange(flat, "1 (n c) h w -> n c h w", n=n)
 
 
-def photometric(x, spec: ViewSpec, generator=None, flip: bool = True):
-    """Flip, colour jitter (random order), grayscale, blur, solarize; x in [0, 1], (n, 3, S, S)."""
-    n, dev = x.shape[0], x.device
-    rand = lambda *s: torch.rand(*s, generator=generator).to(dev)
-    if flip:
-        x = torch.where(rand(n, 1, 1, 1) < spec.flip, x.flip(-1), x)
-    # colour jitter: factors drawn per image, the four operations applied in a per-image order
-    b, c, s = (JITTER[k] for k in ("brightness", "contrast", "saturation"))
-    factors = [1 - b + 2 * b * rand(n, 1, 1, 1), 1 - c + 2 * c * rand(n, 1, 1, 1),
-               1 - s + 2 * s * rand(n, 1, 1, 1), JITTER["hue"] * (2 * rand(n, 1, 1, 1) - 1)]
-    ops = [adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue]
-    jitter = rand(n) < spec.jitter
-    order = torch.argsort(torch.rand(n, 4, generator=generator), dim=1).to(dev)
-    for step in range(4):
-        for k, op in enumerate(ops):
-            sel = jitter & (order[:, step] == k)
-            if sel.any():
-                x[sel] = op(x[sel], factors[k][sel])
-    gray = rand(n) < spec.gray
-    if gray.any():
-        x[gray] = grayscale(x[gray]).expand(-1, 3, -1, -1)
-    blur = rand(n) < spec.blur
-    if blur.any():
-        scale = x.shape[-1] / 224  # σ is given for 224 px views
-        lo, hi = BLUR_SIGMA[0] * scale, BLUR_SIGMA[1] * scale
-        sigma = (lo + (hi - lo) * rand(n))[blur]
-        x[blur] = gaussian_blur(x[blur], sigma, hi)
-    sol = rand(n, 1, 1, 1) < spec.solarize
-    # solarize: invert every value at or above the threshold 128/255
-    x = torch.where(sol & (x >= 128 / 255), 1 - x, x)
+def solarize(x, threshold=128 / 255):
+    """Invert every value at or above the threshold (PIL's ImageOps.solarize(img, 128))."""
+    return torch.where(x >= threshold, 1 - x, x)
+
+
+def where_images(mask, op, x, *args):
+    """x with op(x, *args) on the images where mask (n,) holds; args are per-image (n, ...).
+
+    On a GPU we compute op for every image and select, so no step waits for the host; on a CPU
+    we compute it only for the selected images, which is cheaper there.
+    """
+    if x.is_cuda:
+        return torch.where(mask.view(-1, 1, 1, 1), op(x, *args), x)
+    if not mask.any():
+        return x
+    x = x.clone()
+    x[mask] = op(x[mask], *(a[mask] for a in args))
     return x
+
+
+def photometric(x, p: dict):
+    """Colour jitter (random order), grayscale, blur, solarize with parameters p; x in [0, 1]."""
+    for step in range(4):  # ColorJitter: the four operations in a per-image random order
+        for k, op in enumerate(JITTER_OPS):
+            x = where_images(p["jitter"] & (p["order"][:, step] == k), op, x, p["factors"][:, k])
+    x = where_images(p["gray"], lambda v: grayscale(v).expand(-1, 3, -1, -1), x)
+    max_sigma = BLUR_SIGMA[1] * x.shape[-1] / 224
+    x = where_images(p["blur"], lambda v, s: gaussian_blur(v, s, max_sigma), x, p["sigma"])
+    return where_images(p["solarize"], solarize, x)
 
 
 def normalize(x):
@@ -500,19 +550,25 @@ def normalize(x):
     return (x - mean) / std
 
 
-def multicrop(images_u8, cfg: Config, generator=None):
-    """All views of a batch of in-memory images (n, 3, H, W) uint8: 2 global + V local."""
+def multicrop(images_u8, cfg: Config, generator, batch=None, rows=None):
+    """All views of in-memory images (n, 3, H, W) uint8: [2 global, V local], each (n, 3, S, S).
+
+    Under several processes, pass the global batch size as `batch` and this process's `rows`:
+    parameters are drawn for the whole global batch, so the views do not depend on how the
+    batch is split.
+    """
     x = images_u8.float() / 255
-    n, _, H, W = x.shape
+    _, _, H, W = x.shape
     views = []
     for name in view_names(cfg.local_crops_number):
         is_global = name.startswith("global")
         size = cfg.global_crops_size if is_global else cfg.local_crops_size
         scale = cfg.global_crops_scale if is_global else cfg.local_crops_scale
-        boxes = sample_crop_boxes(n, H, W, scale, generator=generator)
-        flips = torch.rand(n, generator=generator) < VIEW_SPECS[name].flip
-        v = crop_resize_flip(x, boxes, flips, size)
-        views.append(normalize(photometric(v, VIEW_SPECS[name], generator, flip=False)))
+        p = sample_view_params(batch or len(x), H, W, size, scale, VIEW_SPECS[name], generator)
+        if rows is not None:
+            p = {k: v[rows] for k, v in p.items()}
+        v = crop_resize_flip(x, p["box"], p["flip"], size)
+        views.append(normalize(photometric(v, p)))
     return views
 
 
@@ -562,28 +618,41 @@ def collate_views(items):
     return [torch.stack(vs) for vs in zip(*good)], bad
 
 
-def train_batches(data: ImageSet, cfg: Config, epoch: int, device, generator):
-    """Yield (views, unreadable files) for one epoch; views are normalised float tensors."""
-    order = torch.randperm(len(data), generator=generator)
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the images in one epoch: a pure function of (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def train_batches(data: ImageSet, cfg: Config, epoch: int, device, start_step: int = 0):
+    """Yield (views, unreadable files) for the steps of one epoch from start_step on; views are
+    normalised float tensors on the device. Deterministic given (seed, epoch, step)."""
+    order = epoch_order(len(data), cfg.seed, epoch)
     steps = len(data) // cfg.batch_size
-    if data.images is not None:
-        for s in range(steps):
+    if data.images is not None:  # in memory (on the GPU when training there)
+        order = order.to(data.images.device)
+        for s in range(start_step, steps):
             idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            yield multicrop(data.images[idx].to(device, non_blocking=True), cfg, generator), []
+            g = step_generator(cfg.seed, epoch, s, device)
+            yield multicrop(data.images[idx].to(device, non_blocking=True), cfg, g), []
         return
+    order = order[start_step * cfg.batch_size:steps * cfg.batch_size]
     loader = torch.utils.data.DataLoader(
-        FolderMultiCrop(data, cfg), batch_size=cfg.batch_size, sampler=order[:steps * cfg.batch_size].tolist(),
+        FolderMultiCrop(data, cfg), batch_size=cfg.batch_size, sampler=order.tolist(),
         num_workers=cfg.num_workers, collate_fn=collate_views, drop_last=True,
         persistent_workers=False, worker_init_fn=_seed_worker,
-        generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-    for crops, bad in loader:
+        generator=torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch) * 1_000_003 + start_step))
+    for s, (crops, bad) in enumerate(loader, start=start_step):
         if crops is None:
             yield None, bad
             continue
+        g = step_generator(cfg.seed, epoch, s, device)
         views = []
         for name, v in zip(view_names(cfg.local_crops_number), crops):
             v = v.to(device, non_blocking=True).float() / 255
-            views.append(normalize(photometric(v, VIEW_SPECS[name], generator)))
+            size = v.shape[-1]
+            p = sample_view_params(len(v), size, size, size, (1.0, 1.0), VIEW_SPECS[name], g)
+            v = torch.where(p["flip"].view(-1, 1, 1, 1), v.flip(-1), v)  # the crop was done per image
+            views.append(normalize(photometric(v, p)))
         yield views, bad
 
 
@@ -710,7 +779,7 @@ def dino_loss(student_out, teacher_out, center, tau_s, tau_t, n_global=2):
     pairs = -torch.einsum("ubk,vbk->uv", p_t, log_p_s) / B  # (n_global, V)
     # $$\mathcal{L} = \frac{1}{n_{pairs}} \sum_{x \in \{x^g_1, x^g_2\}} \sum_{x' \in V,\, x' \neq x} H(P_t(x), P_s(x'))$$
     same_view = torch.eye(n_global, V, dtype=torch.bool, device=pairs.device)
-    loss = pairs[~same_view].mean()
+    loss = pairs.masked_fill(same_view, 0.0).sum() / (n_global * V - min(n_global, V))
     # $$h(P_t) = -\sum_k P_t^{(k)} \log P_t^{(k)}$$; since H = h + KL, mean KL = loss − mean h
     entropy = -(p_t * torch.log(p_t.clamp_min(1e-30))).sum(-1).mean()
     return loss, {"pairs": pairs.detach(), "teacher_entropy": entropy.detach(),
@@ -862,14 +931,22 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        if self.device.type == "cuda" and train.images is not None:
+            # in-memory data lives on the GPU as uint8 (CIFAR-10: 150 MB); views are made there
+            self.train_set = dataclasses.replace(train, images=train.images.to(self.device))
         self.student, self.teacher = build_networks(cfg, self.device)
+        # what the step calls: the networks themselves, or their torch.compile'd versions
+        self.student_fn, self.teacher_fn = self.student, self.teacher
+        if cfg.compile:
+            self.student_fn, self.teacher_fn = torch.compile(self.student), torch.compile(self.teacher)
         fused = self.device.type == "cuda"
         if cfg.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(param_groups(self.student), fused=fused)
         else:
             self.optimizer = torch.optim.SGD(param_groups(self.student), lr=0, momentum=0.9)
         self.center = torch.zeros(1, cfg.out_dim, device=self.device)  # c
+        # bf16 autocast on CUDA; fp32 on CPU unless asked (see benchmark.py for its speed there)
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.steps_per_epoch = len(train) // cfg.batch_size
         self.schedule = schedules(cfg, self.steps_per_epoch)
         self.start_epoch = 0
@@ -885,11 +962,10 @@ class Trainer:
             if i == 0:  # only the first group is regularised
                 group["weight_decay"] = float(self.schedule["wd"][it])
         tau_t = float(self.schedule["teacher_temp"][epoch])
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-        with autocast:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             with torch.no_grad():
-                teacher_out = self.teacher(views[:2])  # the teacher sees the 2 global views
-            student_out = self.student(views)  # the student sees all views
+                teacher_out = self.teacher_fn(views[:2])  # the teacher sees the 2 global views
+            student_out = self.student_fn(views)  # the student sees all views
             loss, stats = dino_loss(student_out, teacher_out, self.center, cfg.student_temp, tau_t)
         if cfg.centering:
             self.center = update_center(self.center, teacher_out, cfg.center_momentum)
@@ -915,7 +991,7 @@ class Trainer:
             self.student.train()
             sums = torch.zeros(3, device=self.device)  # loss, entropy, kl
             n, skipped = 0, []
-            bar = tqdm(train_batches(self.train_set, cfg, epoch, self.device, self.generator),
+            bar = tqdm(train_batches(self.train_set, cfg, epoch, self.device),
                        total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=self.quiet, leave=False, dynamic_ncols=True)
             for step, (views, bad) in enumerate(bar):
@@ -982,8 +1058,7 @@ class Trainer:
                 "epoch": epoch, "config": config_to_dict(self.cfg), "history": self.history,
                 # the backbone's dimensions, so the weights stay loadable if vit.ARCHS changes
                 "vit": dict(zip(("embed_dim", "depth", "num_heads"), vit.ARCHS[self.cfg.arch])),
-                "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
-                        "python": random.getstate()}}
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
 
     def save(self, epoch):
         save_checkpoint(self.state(epoch), self.checkpoint_path)
@@ -1008,7 +1083,6 @@ class Trainer:
         self.start_epoch = ck["epoch"]
         self.history = list(ck.get("history", []))
         torch.set_rng_state(ck["rng"]["torch"])
-        self.generator.set_state(ck["rng"]["generator"])
         random.setstate(_as_tuple(ck["rng"]["python"]))
         log(f"resumed from {self.checkpoint_path} at epoch {self.start_epoch}/{self.cfg.epochs}")
         return True
@@ -1108,6 +1182,8 @@ def validate(cfg: Config):
     need(cfg.warmup_epochs >= 0 and cfg.warmup_teacher_temp_epochs >= 0,
          "--warmup_epochs and --warmup_teacher_temp_epochs must be >= 0")
     need(cfg.optimizer in ("adamw", "sgd"), f"--optimizer {cfg.optimizer} is unknown; use adamw or sgd")
+    need(cfg.precision in ("auto", "bf16", "fp32"),
+         f"--precision {cfg.precision} is unknown; use auto, bf16 or fp32")
     need(cfg.num_workers >= 0, f"--num_workers must be >= 0, got {cfg.num_workers}")
 
 

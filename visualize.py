@@ -373,9 +373,12 @@ def make_views(data: dino.ImageSet, index: int, cfg: dino.Config, seed: int = 0)
         if crops is None:
             raise dino.DinoError(f"image {bad} could not be read (not an image, or damaged)")
         original = read_image(data.files[index])
-        views = [dino.normalize(dino.photometric(c[None].float() / 255, dino.VIEW_SPECS[name],
-                                                 generator))
-                 for name, c in zip(names, crops)]
+        views = []
+        for name, c in zip(names, crops):
+            size = c.shape[-1]
+            p = dino.sample_view_params(1, size, size, size, (1.0, 1.0), dino.VIEW_SPECS[name], generator)
+            v = torch.where(p["flip"].view(-1, 1, 1, 1), c[None].flip(-1), c[None]).float() / 255
+            views.append(dino.normalize(dino.photometric(v, p)))
     return original, [unnormalize(v)[0] for v in views]
 
 

@@ -27,7 +27,7 @@ def record(trainer: dino.Trainer, knn: bool = True) -> dict:
     steps = dict(loss=[], teacher_entropy=[], kl=[])
     trainer.student.train()
     for epoch in range(cfg.epochs):
-        batches = dino.train_batches(trainer.train_set, cfg, epoch, trainer.device, trainer.generator)
+        batches = dino.train_batches(trainer.train_set, cfg, epoch, trainer.device)
         for step, (views, _) in enumerate(batches):
             it = epoch * trainer.steps_per_epoch + step  # index into the per-step schedules
             loss, stats = trainer.train_step(views, it, epoch)
