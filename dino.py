@@ -23,6 +23,7 @@ Run:  python dino.py                      (built-in `shapes` data set, ~5 minute
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -113,18 +114,19 @@ class Config:
                                   "(0 = no limit)")
 
 
-def preset_for(image_size: int, name: str) -> dict:
+def preset_for(image_size: int, name: str, gpu: bool = False) -> dict:
     """Sizes for small images, applied under the flags the user gave explicitly.
 
     The paper's values are for 224 px ImageNet photos. On 32 px images a 16 px patch would leave
     4 tokens, so we use 4 px patches, 32 px global and 16 px local crops, and a smaller K.
+    On a GPU the batch is larger (512: a ViT-tiny step is too small to fill the GPU at 64).
     """
     if image_size > 64:
         return {}
     preset = dict(patch_size=4, global_crops_size=32, local_crops_size=16,
                   global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25),
                   arch="vit_tiny", out_dim=4096, hidden_dim=2048, bottleneck_dim=256,
-                  local_crops_number=6, batch_size=256, epochs=100)
+                  local_crops_number=6, batch_size=512 if gpu else 256, epochs=100)
     if name == "shapes":
         # The built-in set: a model and schedule sized for ~5 minutes on a 2-core CPU. τ_t stays
         # at 0.04: in runs this short, warming it to 0.07 drifted towards the uniform collapse.
@@ -299,13 +301,34 @@ def load_data(path: str) -> tuple[str, ImageSet, ImageSet | None]:
     if not (root / "train").is_dir():
         raise DinoError(f"{root} has no train/ folder (nor cifar-10-batches-py/); expected "
                         f"{root}/train/<class>/<image> and optionally {root}/val/ or test/")
-    train = scan_folder(root / "train")
+    train = hold_in_memory(scan_folder(root / "train"))
     evaluation = None
     for name in ("val", "test"):
         if (root / name).is_dir():
-            evaluation = scan_folder(root / name, classes=train.classes)
+            evaluation = hold_in_memory(scan_folder(root / name, classes=train.classes))
             break
     return root.name or "images", train, evaluation
+
+
+def hold_in_memory(data: ImageSet, max_side: int = 64, max_bytes: int = 4 * 2 ** 30) -> ImageSet:
+    """Decode a folder of small images of one size (e.g. CIFAR-10 as JPEGs) into one uint8
+    tensor, so it trains on the fast in-memory path; any other folder stays as files."""
+    from concurrent.futures import ThreadPoolExecutor
+    try:
+        side = probe_image_size(data)
+    except DinoError:  # unreadable files: leave them to the per-image path, which reports them
+        return data
+    if side > max_side or len(data) * 3 * side * side > max_bytes:
+        return data
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        images = list(pool.map(read_rgb, data.files, chunksize=256))
+    if any(im is not None and im.size != images[0].size for im in images):
+        return data  # sizes differ: crop each image on its own, in the DataLoader
+    from torchvision.transforms.v2.functional import pil_to_tensor
+    keep = [i for i, im in enumerate(images) if im is not None]
+    return ImageSet(labels=data.labels[keep], classes=data.classes,
+                    images=torch.stack([pil_to_tensor(images[i]) for i in keep]),  # (n, 3, H, W)
+                    skipped=data.skipped + [data.files[i] for i, im in enumerate(images) if im is None])
 
 
 def probe_image_size(data: ImageSet) -> int:
@@ -407,24 +430,43 @@ def sample_view_params(n, height, width, size, scale, spec: "ViewSpec", generato
     )
 
 
-def crop_resize_flip(images, boxes, flips, size):
-    """Crop boxes (n, 4) out of images (n, 3, H, W), resize to size x size (bicubic), flip some.
+def cubic(x, a=-0.5):
+    """The bicubic kernel of PIL (a = -0.5), which torchvision's antialiased resize also uses."""
+    x = x.abs()
+    near = ((a + 2) * x - (a + 3)) * x * x + 1  # |x| < 1
+    far = (((x - 5) * x + 8) * x - 4) * a  # 1 <= |x| < 2
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
 
-    One affine grid_sample per batch; for a fixed box this equals torchvision's
-    resized_crop(..., BICUBIC) when the crop is enlarged (tested). The authors resize PIL crops
-    bicubically with antialiasing, which only matters when a crop is shrunk: on 32 px images,
-    a local crop can be shrunk slightly (up to ~18 px → 16 px) and we skip the antialiasing.
+
+def resize_weights(start, length, out_size, in_size):
+    """(n, out_size, in_size) weights that resample the span [start, start + length) of an axis
+    to out_size px: PIL's bicubic resize of the cropped image (crop, then resize, as the authors'
+    RandomResizedCrop does), with the kernel widened by length / out_size when shrinking."""
+    scale = (length / out_size)[:, None, None]  # (n, 1, 1) input px per output px
+    widen = scale.clamp(min=1.0)  # antialiasing: a wider kernel when shrinking
+    support = 2.0 * widen
+    center = (torch.arange(out_size, device=start.device) + 0.5)[None, :, None] * scale  # (n, S, 1)
+    j = torch.arange(in_size, device=start.device)[None, None, :] - start[:, None, None]  # crop px
+    first = (center - support + 0.5).trunc().clamp(min=0)  # taps in [first, last), inside the crop
+    last = torch.minimum((center + support + 0.5).trunc(), length[:, None, None])
+    w = cubic((j + 0.5 - center) / widen) * ((j >= first) & (j < last))
+    return w / w.sum(-1, keepdim=True)
+
+
+def crop_resize_flip(images, boxes, flips, size):
+    """Crop boxes (n, 4) = (top, left, h, w) out of images (n, 3, H, W), resize each crop to
+    size x size (bicubic, antialiased) and flip some horizontally.
+
+    Resizing is separable, so each crop is two small matrix products: out = W_y · x · W_xᵀ.
+    For a fixed box this equals torchvision's resized_crop(..., BICUBIC, antialias=True)
+    (tested), i.e. PIL's crop + resize up to its rounding to 8 bits.
     """
     n, _, H, W = images.shape
     top, left, h, w = boxes.to(images.device, images.dtype).unbind(1)
-    # output x ∈ [-1, 1] (pixel edges) → input x_in = c_x + s_x x, the crop's span in [-1, 1]
-    s_x, s_y = w / W, h / H
-    c_x, c_y = (2 * left + w) / W - 1, (2 * top + h) / H - 1
-    s_x = torch.where(flips.to(images.device), -s_x, s_x)
-    zero = torch.zeros_like(s_x)
-    theta = torch.stack([torch.stack([s_x, zero, c_x], 1), torch.stack([zero, s_y, c_y], 1)], 1)
-    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)  # (n, size, size, 2)
-    out = F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False)
+    W_y = resize_weights(top, h, size, H)  # (n, S, H)
+    W_x = resize_weights(left, w, size, W)  # (n, S, W)
+    W_x = torch.where(flips.to(images.device).view(n, 1, 1), W_x.flip(1), W_x)  # mirror the columns
+    out = W_y[:, None] @ images @ W_x[:, None].transpose(-1, -2)  # (n, 3, S, S)
     return out.clamp(0, 1)
 
 
@@ -518,13 +560,13 @@ def solarize(x, threshold=128 / 255):
     return torch.where(x >= threshold, 1 - x, x)
 
 
-def where_images(mask, op, x, *args):
+def where_images(mask, op, x, *args, select=None):
     """x with op(x, *args) on the images where mask (n,) holds; args are per-image (n, ...).
 
     On a GPU we compute op for every image and select, so no step waits for the host; on a CPU
-    we compute it only for the selected images, which is cheaper there.
+    we compute it only for the selected images, which is cheaper there. Both give equal results.
     """
-    if x.is_cuda:
+    if select if select is not None else x.is_cuda:
         return torch.where(mask.view(-1, 1, 1, 1), op(x, *args), x)
     if not mask.any():
         return x
@@ -545,46 +587,63 @@ def photometric(x, p: dict):
 
 
 def normalize(x):
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(x.device)
     return (x - mean) / std
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_std(device):  # made once per device: a copy from the host would make the GPU wait
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
 
 
 def multicrop(images_u8, cfg: Config, generator, batch=None, rows=None):
     """All views of in-memory images (n, 3, H, W) uint8: [2 global, V local], each (n, 3, S, S).
 
-    Under several processes, pass the global batch size as `batch` and this process's `rows`:
-    parameters are drawn for the whole global batch, so the views do not depend on how the
-    batch is split.
+    Views of one size are made together (one batch of 2n global, one of V·n local crops), so a
+    step launches few, large operations. Under several processes, pass the global batch size
+    as `batch` and this process's `rows`: parameters are drawn for the whole global batch, so
+    the views do not depend on how the batch is split.
     """
     x = images_u8.float() / 255
-    _, _, H, W = x.shape
+    n, _, H, W = x.shape
+    names = view_names(cfg.local_crops_number)
     views = []
-    for name in view_names(cfg.local_crops_number):
-        is_global = name.startswith("global")
+    for is_global in (True, False):
+        group = [name for name in names if name.startswith("global") == is_global]
+        if not group:
+            continue
         size = cfg.global_crops_size if is_global else cfg.local_crops_size
         scale = cfg.global_crops_scale if is_global else cfg.local_crops_scale
-        p = sample_view_params(batch or len(x), H, W, size, scale, VIEW_SPECS[name], generator)
+        params = [sample_view_params(batch or n, H, W, size, scale, VIEW_SPECS[name], generator)
+                  for name in group]
         if rows is not None:
-            p = {k: v[rows] for k, v in p.items()}
-        v = crop_resize_flip(x, p["box"], p["flip"], size)
-        views.append(normalize(photometric(v, p)))
+            params = [{k: v[rows] for k, v in p.items()} for p in params]
+        p = {k: torch.cat([q[k] for q in params]) for k in params[0]}  # (len(group)·n, ...)
+        v = crop_resize_flip(x.repeat(len(group), 1, 1, 1), p["box"], p["flip"], size)
+        views += list(normalize(photometric(v, p)).split(n))
     return views
+
+
+def per_image_crops(cfg: Config) -> list:
+    """torchvision's RandomResizedCrop for each view, for images of any size (PIL, in workers)."""
+    from torchvision.transforms import v2 as T
+    crops = []
+    for name in view_names(cfg.local_crops_number):
+        is_global = name.startswith("global")
+        crops.append(T.RandomResizedCrop(
+            cfg.global_crops_size if is_global else cfg.local_crops_size,
+            scale=cfg.global_crops_scale if is_global else cfg.local_crops_scale,
+            interpolation=T.InterpolationMode.BICUBIC, antialias=True))
+    return crops
 
 
 class FolderMultiCrop(torch.utils.data.Dataset):
     """Per-image geometry for image folders: each item is the uint8 crops of one image."""
 
     def __init__(self, data: ImageSet, cfg: Config):
-        from torchvision.transforms import v2 as T
         self.files, self.labels = data.files, data.labels
-        bicubic = T.InterpolationMode.BICUBIC
-        self.crops = [T.RandomResizedCrop(cfg.global_crops_size if n.startswith("global")
-                                          else cfg.local_crops_size,
-                                          scale=cfg.global_crops_scale if n.startswith("global")
-                                          else cfg.local_crops_scale,
-                                          interpolation=bicubic, antialias=True)
-                      for n in view_names(cfg.local_crops_number)]
+        self.crops = per_image_crops(cfg)
 
     def __len__(self):
         return len(self.files)
@@ -868,8 +927,11 @@ def param_groups(model):
 def clip_gradients(model, clip):
     """Clip each parameter's gradient to norm `clip` separately, as the authors do."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    norms = torch._foreach_norm(grads)
-    factors = [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms]
+    # $$g \leftarrow g \cdot \min\big(1, \mathrm{clip} / (\lVert g \rVert + 10^{-6})\big)$$
+    factors = torch._foreach_add(torch._foreach_norm(grads), 1e-6)
+    torch._foreach_reciprocal_(factors)
+    torch._foreach_mul_(factors, clip)
+    torch._foreach_clamp_max_(factors, 1.0)
     torch._foreach_mul_(grads, factors)
 
 
@@ -990,7 +1052,8 @@ class Trainer:
             t0 = time.time()
             self.student.train()
             sums = torch.zeros(3, device=self.device)  # loss, entropy, kl
-            n, skipped = 0, []
+            # files found unreadable when loading (empty, or decoded into memory) count in epoch 1
+            n, skipped = 0, list(self.train_set.skipped) if epoch == 0 else []
             bar = tqdm(train_batches(self.train_set, cfg, epoch, self.device),
                        total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=self.quiet, leave=False, dynamic_ncols=True)
@@ -1002,6 +1065,12 @@ class Trainer:
                 loss, stats = self.train_step(views, it, epoch)
                 sums += torch.stack([loss, stats["teacher_entropy"], stats["kl"]])
                 n += 1
+                if epoch == self.start_epoch and n in (5, 15):  # time 10 warm steps, once
+                    loss.item()  # wait for the device
+                    if n == 5:
+                        t_warm = time.time()
+                    else:
+                        bar.write(self.time_estimate((time.time() - t_warm) / 10, epoch, step))
                 if step % 10 == 0:  # a host-device sync, so only every 10 steps
                     if not math.isfinite(loss.item()):
                         raise DinoError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step}; "
@@ -1040,6 +1109,16 @@ class Trainer:
                 log(f"stopping after epoch {epoch + 1}: --time_limit {cfg.time_limit} min reached")
                 break
         return self.history
+
+    def time_estimate(self, seconds_per_step, epoch, step):
+        steps_left = (self.cfg.epochs - epoch) * self.steps_per_epoch - step - 1
+        minutes = seconds_per_step * steps_left / 60
+        text = (f"about {seconds_per_step:.2f} s/step: {minutes:.0f} min for the remaining "
+                f"{steps_left} steps on {self.device.type}")
+        if self.device.type == "cpu" and minutes > 60 and self.cfg.data != "shapes":
+            text += (" (a GPU makes this minutes; for a quick run on this CPU try the built-in "
+                     "data set: python dino.py)")
+        return text
 
     def knn(self, k=20, T=0.07):
         backbone = self.teacher.backbone
@@ -1146,7 +1225,8 @@ def build_parser():
 
 
 def make_config(explicit: dict, image_size: int, name: str) -> Config:
-    values = {**preset_for(image_size, name), **explicit}
+    gpu = resolve_device(explicit.get("device", Config.device)).type == "cuda"
+    values = {**preset_for(image_size, name, gpu), **explicit}
     values = {k: tuple(v) if isinstance(getattr(Config, k, None), tuple) else v
               for k, v in values.items()}
     cfg = Config(**values)
@@ -1220,7 +1300,17 @@ def main(argv=None):
         print(f"weighted k-NN (k=20, T=0.07, teacher backbone) top-1 on the evaluation split: "
               f"{top1:.2f}%")
         print(f"knn top1@20={top1:.2f}")
+    print(peak_memory(dev))
     return 0
+
+
+def peak_memory(device) -> str:
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB → GiB (Linux)
+    text = f"peak memory: CPU RSS {rss:.2f} GiB"
+    if device.type == "cuda":
+        text += f", GPU max allocated {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
+    return text
 
 
 if __name__ == "__main__":

@@ -52,6 +52,8 @@ class PatchEmbed(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection."""
 
+    fused = True  # False: the explicit softmax everywhere (benchmark.py compares the two)
+
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
@@ -61,7 +63,7 @@ class Attention(nn.Module):
 
     def forward(self, x, return_attention: bool = False):
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        if return_attention:
+        if return_attention or not self.fused:
             # $$A = \mathrm{softmax}(q k^\top / \sqrt{d})$$, spelled out so the weights can be returned
             attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)  # (B, h, N, N)
             out = attn @ v  # (B, h, N, d)

@@ -1,0 +1,167 @@
+"""Where the time of a DINO training step goes.
+
+    python benchmark.py                                   # built-in data, its preset
+    python benchmark.py --data ./cifar10                  # CIFAR-10 preset (vit_tiny/4, 2x32 + 6x16 px)
+    python benchmark.py --data ./cifar10 --batch_size 64 --steps 5
+
+Takes every flag of dino.py (the same presets apply) plus --steps, and prints, in samples/s
+(one sample = one image, i.e. 2 global + V local views):
+
+    whole step          augmentation + forward + backward + update, as `dino.py` trains
+    model only          the same step on views made in advance (forward + backward + update)
+    augment, batched    dino.multicrop on whole batches (in-memory data: CIFAR-10, shapes)
+    augment, per image  the authors' pipeline: torchvision transforms on PIL images, one by one,
+                        in this one process (their DataLoader runs it in worker processes)
+
+then the ratio whole / model only, the speed-up of each model option on the model-only step
+(the fused SDPA kernel vs the explicit softmax, bf16 vs fp32 autocast, torch.compile) with its
+first-step loss next to the baseline's, and the peak memory. It is a benchmark, not a test:
+all figures come from one run on one machine, so compare ratios, not absolute numbers.
+"""
+
+import argparse
+import sys
+import time
+
+import torch
+
+import dino
+import vit
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, steps, warmup):
+    """Seconds per call of fn, after warm-up calls (compilation, caches, cuDNN autotuning)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def authors_pipeline(cfg: dino.Config) -> list:
+    """One torchvision transform per view, as the authors' DataAugmentationDINO (PIL in, tensor out)."""
+    from torchvision.transforms import v2 as T
+    views = []
+    for name in dino.view_names(cfg.local_crops_number):
+        spec, is_global = dino.VIEW_SPECS[name], name.startswith("global")
+        size = cfg.global_crops_size if is_global else cfg.local_crops_size
+        sigma = tuple(s * size / 224 for s in dino.BLUR_SIGMA)
+        ops = [T.RandomResizedCrop(size, scale=cfg.global_crops_scale if is_global else cfg.local_crops_scale,
+                                   interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+               T.RandomHorizontalFlip(spec.flip),
+               T.RandomApply([T.ColorJitter(**dino.JITTER)], p=spec.jitter),
+               T.RandomGrayscale(spec.gray)]
+        if spec.blur:
+            radius = max(1, dino.math.ceil(3 * sigma[1]))
+            ops.append(T.RandomApply([T.GaussianBlur(2 * radius + 1, sigma=sigma)], p=spec.blur))
+        if spec.solarize:
+            ops.append(T.RandomSolarize(128, p=spec.solarize))
+        ops += [T.PILToTensor(), T.ToDtype(torch.float32, scale=True),
+                T.Normalize(dino.IMAGENET_MEAN, dino.IMAGENET_STD)]
+        views.append(T.Compose(ops))
+    return views
+
+
+def main(argv=None):
+    parser = dino.build_parser()
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--options", default="sdpa,precision,compile",
+                        help="model options to compare, comma-separated (empty: none)")
+    explicit = vars(parser.parse_args(argv))
+    steps, warmup, options = explicit.pop("steps"), explicit.pop("warmup"), explicit.pop("options")
+    name, train, _ = dino.load_data(explicit.get("data", dino.Config.data))
+    if train.images is None:
+        raise dino.DinoError("benchmark.py needs an in-memory data set (shapes or CIFAR-10)")
+    explicit.setdefault("output_dir", "runs/benchmark")
+    cfg = dino.make_config(explicit, dino.probe_image_size(train), name)
+    trainer = dino.Trainer(cfg, train, None, quiet=True)
+    device, n = trainer.device, cfg.batch_size
+    images = trainer.train_set.images  # on the GPU when training there
+    print(f"{name}: {cfg.arch}/{cfg.patch_size}, batch {n}, 2x{cfg.global_crops_size} + "
+          f"{cfg.local_crops_number}x{cfg.local_crops_size} px views, K={cfg.out_dim}, on {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+             f" ({torch.get_num_threads()} threads)"))
+
+    state = {"step": 0}
+
+    def batch_views():
+        state["step"] += 1
+        idx = torch.randint(len(images), (n,), device=images.device)
+        g = dino.step_generator(cfg.seed, 0, state["step"], device)
+        return dino.multicrop(images[idx].to(device), cfg, g)
+
+    fixed = batch_views()
+    whole = timed(lambda: trainer.train_step(batch_views(), 0, 1), device, steps, warmup)
+    model = timed(lambda: trainer.train_step(fixed, 0, 1), device, steps, warmup)
+    augment = timed(batch_views, device, steps, warmup)
+    rows = [("whole step", whole), ("model only (fwd+bwd+update)", model), ("augment, batched", augment)]
+
+    # the authors' per-image pipeline, on PIL images, in this one process
+    from torchvision.transforms.v2.functional import to_pil_image
+    pil = [to_pil_image(img) for img in images[:n].cpu()]
+    pipeline = authors_pipeline(cfg)
+    per_image = timed(lambda: [[view(im) for view in pipeline] for im in pil],
+                      torch.device("cpu"), max(1, steps // 2), 1)
+    rows.append(("augment, per image (authors', 1 process)", per_image))
+
+    print(f"{'':42s} {'samples/s':>10s} {'ms/step':>9s}")
+    for label, seconds in rows:
+        print(f"{label:42s} {n / seconds:10.1f} {1000 * seconds:9.1f}")
+    print(f"whole / model only = {whole / model:.3f} (the model's share of the step: {model / whole:.0%})")
+    print(f"batched / per-image augmentation = {per_image / augment:.1f}x the views/s")
+
+    # model options, each on the model-only step from the same weights and views
+    options = [o for o in options.split(",") if o]
+    if options:
+        start = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+
+        def measure(**changes):
+            variant = dino.Trainer(dino.dataclasses.replace(cfg, **changes), train, None, quiet=True)
+            variant.student.load_state_dict(start)
+            variant.teacher.load_state_dict(start)
+            torch.manual_seed(0)
+            loss = variant.train_step(fixed, 0, 1)[0].item()
+            return timed(lambda: variant.train_step(fixed, 0, 1), device, steps,
+                         warmup + (2 if changes.get("compile") else 0)), loss
+
+        base_precision = "bf16" if trainer.bf16 else "fp32"
+        base, base_loss = measure()
+        print(f"\nmodel-only step, options (baseline: SDPA, {base_precision}, eager: "
+              f"{n / base:.1f} samples/s, first loss {base_loss:.5f})")
+        trials = []
+        if "sdpa" in options:
+            trials.append(("explicit softmax instead of SDPA", dict(), "explicit"))
+        if "precision" in options:
+            other = "fp32" if base_precision == "bf16" else "bf16"
+            trials.append((f"{other} autocast instead of {base_precision}", dict(precision=other), None))
+        if "compile" in options:
+            trials.append(("torch.compile", dict(compile=True), None))
+        for label, changes, attention in trials:
+            vit.Attention.fused = attention != "explicit"
+            try:
+                seconds, loss = measure(**changes)
+            except Exception as e:  # e.g. no C++ compiler for torch.compile: report and go on
+                print(f"  {label:38s} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+                continue
+            finally:
+                vit.Attention.fused = True
+            print(f"  {label:38s} {n / seconds:8.1f} samples/s  speed-up {base / seconds:5.2f}x  "
+                  f"first loss {loss:.5f} (Δ {loss - base_loss:+.1e})")
+    print(dino.peak_memory(device))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except dino.DinoError as e:
+        sys.exit(f"error: {e}")
