@@ -1065,12 +1065,12 @@ class Trainer:
                 loss, stats = self.train_step(views, it, epoch)
                 sums += torch.stack([loss, stats["teacher_entropy"], stats["kl"]])
                 n += 1
-                if epoch == self.start_epoch and n in (5, 15):  # time 10 warm steps, once
+                if epoch == self.start_epoch and n in (2, 5):  # time 3 warm steps, once
                     loss.item()  # wait for the device
-                    if n == 5:
+                    if n == 2:
                         t_warm = time.time()
                     else:
-                        bar.write(self.time_estimate((time.time() - t_warm) / 10, epoch, step))
+                        bar.write(self.time_estimate((time.time() - t_warm) / 3, epoch, step))
                 if step % 10 == 0:  # a host-device sync, so only every 10 steps
                     if not math.isfinite(loss.item()):
                         raise DinoError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step}; "
