@@ -22,6 +22,7 @@ Run:  python dino.py                      (built-in `shapes` data set, ~5 minute
 """
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -29,12 +30,15 @@ import math
 import os
 import pickle
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
@@ -106,6 +110,10 @@ class Config:
     seed: int = knob(0, "random seed")
     device: str = knob("auto", "auto | cpu | cuda | cuda:N")
     num_workers: int = knob(4, "data-loading processes for image folders")
+    strict_data: bool = knob(False, "stop with an error naming the first unreadable image "
+                                    "(default: skip it, name it in log.jsonl, train on the rest)")
+    save_every: int = knob(200, "also save the checkpoint every N steps inside an epoch, so a "
+                                "killed run resumes where it was (0 = at epoch ends only)")
     knn_every: int = knob(0, "run the k-NN monitor every N epochs (0 = only at the end)")
     precision: str = knob("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32")
     compile: bool = knob(False, "torch.compile the networks (same loss as eager within "
@@ -262,7 +270,12 @@ def download_cifar10(root: Path):
             f"extract it into {root}") from None
 
 
-def scan_folder(split_dir: Path, classes: list | None = None) -> ImageSet:
+def unreadable(path) -> DinoError:
+    return DinoError(f"{path} could not be read as an image; remove or replace it, or run "
+                     f"without --strict_data to skip unreadable files")
+
+
+def scan_folder(split_dir: Path, classes: list | None = None, strict: bool = False) -> ImageSet:
     class_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir())
     if not class_dirs:
         raise DinoError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>")
@@ -272,17 +285,22 @@ def scan_folder(split_dir: Path, classes: list | None = None) -> ImageSet:
         if d.name not in classes:
             raise DinoError(f"class folder {d} is not among the training classes")
         for f in sorted(d.iterdir()):
-            if f.suffix.lower() in IMAGE_EXTENSIONS:
-                (files if f.stat().st_size > 0 else empty).append(str(f))
-                if f.stat().st_size > 0:
-                    labels.append(classes.index(d.name))
+            if f.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            if f.stat().st_size == 0:  # an interrupted copy or download: skipped, and named in the log
+                if strict:
+                    raise unreadable(f)
+                empty.append(str(f))
+                continue
+            files.append(str(f))
+            labels.append(classes.index(d.name))
     if not files:
         raise DinoError(f"no images found under {split_dir} (looked for "
                         f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
     return ImageSet(labels=torch.tensor(labels), classes=classes, files=files, skipped=empty)
 
 
-def load_data(path: str) -> tuple[str, ImageSet, ImageSet | None]:
+def load_data(path: str, strict: bool = False) -> tuple[str, ImageSet, ImageSet | None]:
     """Return (name, train split, evaluation split or None) for any supported --data."""
     if path == "shapes":
         return "shapes", make_shapes(10_000, seed=0), make_shapes(2_000, seed=1)
@@ -301,16 +319,17 @@ def load_data(path: str) -> tuple[str, ImageSet, ImageSet | None]:
     if not (root / "train").is_dir():
         raise DinoError(f"{root} has no train/ folder (nor cifar-10-batches-py/); expected "
                         f"{root}/train/<class>/<image> and optionally {root}/val/ or test/")
-    train = hold_in_memory(scan_folder(root / "train"))
+    train = hold_in_memory(scan_folder(root / "train", strict=strict), strict=strict)
     evaluation = None
     for name in ("val", "test"):
         if (root / name).is_dir():
-            evaluation = hold_in_memory(scan_folder(root / name, classes=train.classes))
+            evaluation = hold_in_memory(scan_folder(root / name, train.classes, strict), strict=strict)
             break
     return root.name or "images", train, evaluation
 
 
-def hold_in_memory(data: ImageSet, max_side: int = 64, max_bytes: int = 4 * 2 ** 30) -> ImageSet:
+def hold_in_memory(data: ImageSet, max_side: int = 64, max_bytes: int = 4 * 2 ** 30,
+                   strict: bool = False) -> ImageSet:
     """Decode a folder of small images of one size (e.g. CIFAR-10 as JPEGs) into one uint8
     tensor, so it trains on the fast in-memory path; any other folder stays as files."""
     from concurrent.futures import ThreadPoolExecutor
@@ -322,7 +341,10 @@ def hold_in_memory(data: ImageSet, max_side: int = 64, max_bytes: int = 4 * 2 **
         return data
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
         images = list(pool.map(read_rgb, data.files, chunksize=256))
-    if any(im is not None and im.size != images[0].size for im in images):
+    if strict and None in images:
+        raise unreadable(data.files[images.index(None)])
+    sizes = {im.size for im in images if im is not None}
+    if len(sizes) != 1:
         return data  # sizes differ: crop each image on its own, in the DataLoader
     from torchvision.transforms.v2.functional import pil_to_tensor
     keep = [i for i, im in enumerate(images) if im is not None]
@@ -332,15 +354,19 @@ def hold_in_memory(data: ImageSet, max_side: int = 64, max_bytes: int = 4 * 2 **
 
 
 def probe_image_size(data: ImageSet) -> int:
+    """The typical shorter side of the images (the median of the first 20 readable ones)."""
     if data.images is not None:
         return min(data.images.shape[-2:])
     from PIL import Image
+    sides = []
     for f in data.files[:20]:
         try:
             with Image.open(f) as im:
-                return min(im.size)
+                sides.append(min(im.size))
         except OSError:
             continue
+    if sides:
+        return sorted(sides)[len(sides) // 2]
     raise DinoError(f"none of the first images under {Path(data.files[0]).parent.parent} "
                     f"could be read; are they images?")
 
@@ -639,21 +665,31 @@ def per_image_crops(cfg: Config) -> list:
 
 
 class FolderMultiCrop(torch.utils.data.Dataset):
-    """Per-image geometry for image folders: each item is the uint8 crops of one image."""
+    """Per-image geometry for image folders. An item is (position in the epoch, image index);
+    its crops are drawn from a generator seeded by (seed, epoch, position), so they do not depend
+    on the number of workers or processes, nor on where a resumed run picked up. An unreadable
+    image is replaced by the next readable one (the batch keeps its size, so processes stay in
+    step) and its path is returned, to be named in the log."""
 
-    def __init__(self, data: ImageSet, cfg: Config):
+    def __init__(self, data: ImageSet, cfg: Config, epoch: int):
         self.files, self.labels = data.files, data.labels
         self.crops = per_image_crops(cfg)
+        self.seed, self.epoch = cfg.seed, epoch
 
     def __len__(self):
         return len(self.files)
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
         from torchvision.transforms.v2.functional import pil_to_tensor
-        image = read_rgb(self.files[i])
-        if image is None:
-            return None, self.files[i]
-        return [pil_to_tensor(crop(image)) for crop in self.crops], None
+        position, i = item
+        torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + position)
+        bad = []
+        for k in range(len(self.files)):
+            image = read_rgb(self.files[(i + k) % len(self.files)])
+            if image is not None:
+                return [pil_to_tensor(crop(image)) for crop in self.crops], bad
+            bad.append(self.files[(i + k) % len(self.files)])
+        return None, bad
 
 
 def read_rgb(path):
@@ -669,12 +705,12 @@ def read_rgb(path):
 
 
 def collate_views(items):
-    """Stack view k of every readable image; report the files that could not be read."""
-    good = [views for views, _ in items if views is not None]
-    bad = [path for views, path in items if views is None]
-    if not good:
-        return None, bad
-    return [torch.stack(vs) for vs in zip(*good)], bad
+    """Stack view k of every image; collect the files that could not be read."""
+    bad = [path for _, paths in items for path in paths]
+    if any(views is None for views, _ in items):
+        raise DinoError(f"no image in the training folder could be read ({bad[0]} and "
+                        f"{len(bad) - 1} more); is --data a folder of images?")
+    return [torch.stack(vs) for vs in zip(*(views for views, _ in items))], bad
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -682,41 +718,45 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
-def train_batches(data: ImageSet, cfg: Config, epoch: int, device, start_step: int = 0):
+def train_batches(data: ImageSet, cfg: Config, epoch: int, device, start_step: int = 0,
+                  rank: int = 0, world: int = 1):
     """Yield (views, unreadable files) for the steps of one epoch from start_step on; views are
-    normalised float tensors on the device. Deterministic given (seed, epoch, step)."""
+    normalised float tensors on the device. Deterministic given (seed, epoch, step).
+
+    Under `world` processes a step takes world · batch_size images in the epoch's order and this
+    process keeps rows rank · batch_size … (rank + 1) · batch_size - 1 (what a distributed
+    sampler does); the random parameters are drawn for the whole global batch, so the views
+    are the same however many processes share it.
+    """
+    B = cfg.batch_size
+    GB = B * world
     order = epoch_order(len(data), cfg.seed, epoch)
-    steps = len(data) // cfg.batch_size
+    steps = len(data) // GB
+    rows = slice(rank * B, (rank + 1) * B) if world > 1 else None
     if data.images is not None:  # in memory (on the GPU when training there)
         order = order.to(data.images.device)
         for s in range(start_step, steps):
-            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            idx = order[s * GB + rank * B: s * GB + (rank + 1) * B]
             g = step_generator(cfg.seed, epoch, s, device)
-            yield multicrop(data.images[idx].to(device, non_blocking=True), cfg, g), []
+            yield multicrop(data.images[idx].to(device, non_blocking=True), cfg, g, GB, rows), []
         return
-    order = order[start_step * cfg.batch_size:steps * cfg.batch_size]
+    items = [(p, int(order[p])) for s in range(start_step, steps)
+             for p in range(s * GB + rank * B, s * GB + (rank + 1) * B)]
     loader = torch.utils.data.DataLoader(
-        FolderMultiCrop(data, cfg), batch_size=cfg.batch_size, sampler=order.tolist(),
-        num_workers=cfg.num_workers, collate_fn=collate_views, drop_last=True,
-        persistent_workers=False, worker_init_fn=_seed_worker,
-        generator=torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch) * 1_000_003 + start_step))
+        FolderMultiCrop(data, cfg, epoch), batch_size=B, sampler=items,
+        num_workers=cfg.num_workers, collate_fn=collate_views, drop_last=True)
     for s, (crops, bad) in enumerate(loader, start=start_step):
-        if crops is None:
-            yield None, bad
-            continue
         g = step_generator(cfg.seed, epoch, s, device)
         views = []
         for name, v in zip(view_names(cfg.local_crops_number), crops):
             v = v.to(device, non_blocking=True).float() / 255
             size = v.shape[-1]
-            p = sample_view_params(len(v), size, size, size, (1.0, 1.0), VIEW_SPECS[name], g)
+            p = sample_view_params(GB, size, size, size, (1.0, 1.0), VIEW_SPECS[name], g)
+            if rows is not None:
+                p = {k: t[rows] for k, t in p.items()}
             v = torch.where(p["flip"].view(-1, 1, 1, 1), v.flip(-1), v)  # the crop was done per image
             views.append(normalize(photometric(v, p)))
         yield views, bad
-
-
-def _seed_worker(worker_id):
-    random.seed(torch.initial_seed() % 2 ** 32)
 
 
 def eval_batches(data: ImageSet, size: int, batch_size: int = 256):
@@ -942,11 +982,76 @@ def cancel_last_layer_gradients(student, epoch, freeze_last_layer):
 
 
 def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DinoError(f"--device {name} asked for a GPU but PyTorch sees none; use --device cpu")
-    return torch.device(name)
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # torchrun: one GPU each
+    return torch.device("cpu" if name == "auto" else name)
+
+
+# -- several processes (torchrun). With one process every helper here does nothing. ---------------
+
+def init_distributed(device: str = "auto") -> tuple[int, int]:
+    """Join the process group torchrun describes in RANK/WORLD_SIZE/MASTER_ADDR; (rank, world).
+    NCCL between GPUs, gloo between CPU processes."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1 or dist.is_initialized():
+        return rank_and_world()
+    gpu = resolve_device(device).type == "cuda"
+    if gpu:
+        torch.cuda.set_device(resolve_device(device))
+    dist.init_process_group("nccl" if gpu else "gloo")
+    return rank_and_world()
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_max(x):
+    if rank_and_world()[1] > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+def gather_rows(x, device):
+    """Every process's rows of x, concatenated in rank order (on the CPU)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return x
+    x = x.to(device)
+    count = torch.tensor([len(x)], device=device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    longest = int(max(counts))  # all_gather needs equal sizes: pad, gather, trim
+    padded = torch.zeros(longest, *x.shape[1:], dtype=x.dtype, device=device)
+    padded[:len(x)] = x
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:int(c)] for part, c in zip(parts, counts)]).cpu()
+
+
+def gather_lists(items: list) -> list:
+    """The concatenation of every process's list (e.g. of unreadable files)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return items
+    out = [None] * world
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+def shard(data: ImageSet, rank: int, world: int) -> ImageSet:
+    """This process's contiguous share of a split, for feature extraction."""
+    if world == 1:
+        return data
+    idx = torch.tensor_split(torch.arange(len(data)), world)[rank]
+    return ImageSet(labels=data.labels[idx], classes=data.classes,
+                    images=None if data.images is None else data.images[idx],
+                    files=None if data.files is None else [data.files[i] for i in idx.tolist()])
 
 
 def save_checkpoint(state: dict, path: Path):
@@ -986,10 +1091,16 @@ MODEL_FIELDS = ("arch", "patch_size", "out_dim", "hidden_dim", "bottleneck_dim",
 
 
 class Trainer:
-    """Holds the networks, optimizer, center and schedules; `fit()` runs the epochs."""
+    """Holds the networks, optimizer, center and schedules; `fit()` runs the epochs.
+
+    Under torchrun each process holds a full copy; the student is wrapped in
+    DistributedDataParallel, which averages the gradients, so every copy stays identical.
+    """
 
     def __init__(self, cfg: Config, train: ImageSet, evaluation: ImageSet | None, quiet=False):
-        self.cfg, self.train_set, self.eval_set, self.quiet = cfg, train, evaluation, quiet
+        self.cfg, self.train_set, self.eval_set = cfg, train, evaluation
+        self.rank, self.world = rank_and_world()
+        self.quiet = quiet or self.rank != 0  # only the first process prints and writes
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -997,10 +1108,14 @@ class Trainer:
             # in-memory data lives on the GPU as uint8 (CIFAR-10: 150 MB); views are made there
             self.train_set = dataclasses.replace(train, images=train.images.to(self.device))
         self.student, self.teacher = build_networks(cfg, self.device)
+        student = self.student
+        if self.world > 1:
+            student = nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         # what the step calls: the networks themselves, or their torch.compile'd versions
-        self.student_fn, self.teacher_fn = self.student, self.teacher
+        self.student_fn, self.teacher_fn = student, self.teacher
         if cfg.compile:
-            self.student_fn, self.teacher_fn = torch.compile(self.student), torch.compile(self.teacher)
+            self.student_fn, self.teacher_fn = torch.compile(student), torch.compile(self.teacher)
         fused = self.device.type == "cuda"
         if cfg.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(param_groups(self.student), fused=fused)
@@ -1009,10 +1124,14 @@ class Trainer:
         self.center = torch.zeros(1, cfg.out_dim, device=self.device)  # c
         # bf16 autocast on CUDA; fp32 on CPU unless asked (see benchmark.py for its speed there)
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
-        self.steps_per_epoch = len(train) // cfg.batch_size
-        self.schedule = schedules(cfg, self.steps_per_epoch)
-        self.start_epoch = 0
+        self.steps_per_epoch = len(train) // (cfg.batch_size * self.world)
+        self.schedule = schedules(cfg, self.steps_per_epoch, self.world)
+        self.start_epoch, self.start_step = 0, 0
         self.history = []
+        self.progress = self.fresh_progress(0)  # the running sums of the epoch in progress
+        # the first iteration whose loss was not finite (inf: none), kept on the device
+        self.first_bad = torch.tensor(math.inf, device=self.device)
+        self.stop_requested = False
         self.output_dir = Path(cfg.output_dir)
         self.checkpoint_path = self.output_dir / "checkpoint.pth"
 
@@ -1024,6 +1143,9 @@ class Trainer:
             if i == 0:  # only the first group is regularised
                 group["weight_decay"] = float(self.schedule["wd"][it])
         tau_t = float(self.schedule["teacher_temp"][epoch])
+        # drop-path draws from the global generator: seed it per (step, process), so a resumed
+        # run draws what an uninterrupted one would
+        torch.manual_seed(((cfg.seed * 1_000_003 + it) * 1_000_003 + self.rank) % 2 ** 63)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             with torch.no_grad():
                 teacher_out = self.teacher_fn(views[:2])  # the teacher sees the 2 global views
@@ -1032,52 +1154,79 @@ class Trainer:
         if cfg.centering:
             self.center = update_center(self.center, teacher_out, cfg.center_momentum)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # under DDP the gradients are averaged over the processes here
         if cfg.clip_grad:
             clip_gradients(self.student, cfg.clip_grad)
         cancel_last_layer_gradients(self.student, epoch, cfg.freeze_last_layer)
         self.optimizer.step()
         update_teacher(self.teacher, self.student, float(self.schedule["momentum"][it]))
+        # remember the first non-finite loss without waiting for the device
+        self.first_bad = torch.where(loss.detach().isfinite(), self.first_bad,
+                                     self.first_bad.clamp(max=float(it)))
         return loss.detach(), stats
 
     # -- epochs -----------------------------------------------------------------------------------
+    def fresh_progress(self, epoch):
+        # files found unreadable when loading (empty, or decoded into memory) count in epoch 1
+        return {"sums": torch.zeros(3, device=self.device),  # loss, entropy, kl
+                "n": 0, "skipped": list(self.train_set.skipped) if epoch == 0 else []}
+
     def fit(self, log=print, stop_after=None):
-        """Train from start_epoch to cfg.epochs (or to epoch stop_after, as an interruption would)."""
+        """Train from where the run stands to cfg.epochs (or to epoch stop_after, as an
+        interruption would). Ctrl-C or SIGTERM finishes the step, saves, and raises
+        KeyboardInterrupt; a non-finite loss raises DinoError without saving over the checkpoint."""
+        log = log if self.rank == 0 else (lambda *_: None)
+        with self.stop_on_signals():
+            return self._fit(log, stop_after)
+
+    def _fit(self, log, stop_after):
         from tqdm.auto import tqdm
         cfg = self.cfg
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
         log_K = math.log(cfg.out_dim)
         started = time.time()
+        warm = 0  # steps timed for the estimate
         for epoch in range(self.start_epoch, stop_after or cfg.epochs):
             t0 = time.time()
+            first = self.start_step if epoch == self.start_epoch else 0
+            if first == 0:
+                self.progress = self.fresh_progress(epoch)
             self.student.train()
-            sums = torch.zeros(3, device=self.device)  # loss, entropy, kl
-            # files found unreadable when loading (empty, or decoded into memory) count in epoch 1
-            n, skipped = 0, list(self.train_set.skipped) if epoch == 0 else []
-            bar = tqdm(train_batches(self.train_set, cfg, epoch, self.device),
-                       total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            bar = tqdm(train_batches(self.train_set, cfg, epoch, self.device, first, self.rank,
+                                     self.world),
+                       initial=first, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=self.quiet, leave=False, dynamic_ncols=True)
-            for step, (views, bad) in enumerate(bar):
-                skipped += bad
-                if views is None:
-                    continue
+            for step, (views, bad) in enumerate(bar, start=first):
+                if bad and cfg.strict_data:
+                    raise unreadable(bad[0])
+                self.progress["skipped"] += bad
                 it = epoch * self.steps_per_epoch + step
                 loss, stats = self.train_step(views, it, epoch)
-                sums += torch.stack([loss, stats["teacher_entropy"], stats["kl"]])
-                n += 1
-                if epoch == self.start_epoch and n in (2, 5):  # time 3 warm steps, once
+                self.progress["sums"] += torch.stack([loss, stats["teacher_entropy"], stats["kl"]])
+                self.progress["n"] += 1
+                warm += 1
+                if warm in (2, 5) and epoch == self.start_epoch:  # time 3 warm steps, once
                     loss.item()  # wait for the device
-                    if n == 2:
+                    if warm == 2:
                         t_warm = time.time()
-                    else:
+                    elif not self.quiet:
                         bar.write(self.time_estimate((time.time() - t_warm) / 3, epoch, step))
                 if step % 10 == 0:  # a host-device sync, so only every 10 steps
-                    if not math.isfinite(loss.item()):
-                        raise DinoError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step}; "
-                                        f"lower --lr, raise --momentum_teacher, or lower --teacher_temp")
+                    self.check_finite()
                     bar.set_postfix(loss=f"{loss.item():.3f}", h_t=f"{stats['teacher_entropy'].item():.2f}")
+                if self.should_stop(step):
+                    bar.close()
+                    self.save(epoch, step + 1)
+                    log(f"\ninterrupted: saved {self.checkpoint_path} at epoch {epoch + 1}, step "
+                        f"{step + 1}/{self.steps_per_epoch}; run the same command to resume")
+                    raise KeyboardInterrupt
+                if cfg.save_every and (it + 1) % cfg.save_every == 0 and step + 1 < self.steps_per_epoch:
+                    self.save(epoch, step + 1)
             bar.close()
-            mean = (sums / max(n, 1)).tolist()
+            self.check_finite()
+            sums = all_reduce_mean(self.progress["sums"]) / max(self.progress["n"], 1)
+            mean = sums.tolist()
             it_last = (epoch + 1) * self.steps_per_epoch - 1
             record = dict(epoch=epoch + 1, loss=mean[0], teacher_entropy=mean[1], kl=mean[2],
                           log_K=log_K, center_norm=self.center.norm().item(),
@@ -1085,22 +1234,25 @@ class Trainer:
                           momentum=float(self.schedule["momentum"][it_last]),
                           teacher_temp=float(self.schedule["teacher_temp"][epoch]),
                           seconds=time.time() - t0)
-            if not math.isfinite(mean[0]):
-                raise DinoError(f"loss is {mean[0]} in epoch {epoch + 1}; lower --lr, raise "
-                                f"--momentum_teacher, or lower --teacher_temp")
+            skipped = gather_lists(self.progress["skipped"])
             if skipped:
                 record["unreadable_files"] = skipped
-                log(f"warning: skipped {len(skipped)} unreadable image(s): {', '.join(skipped[:5])}"
+                log(f"warning: skipped {len(skipped)} unreadable image(s) (named in "
+                    f"{self.output_dir / 'log.jsonl'}): {', '.join(skipped[:5])}"
                     + (" ..." if len(skipped) > 5 else ""))
             last = epoch + 1 == cfg.epochs
-            out_of_time = cfg.time_limit and time.time() - started > 60 * cfg.time_limit
+            # processes agree on stopping, or the one that carries on would wait for the others
+            out_of_time = bool(all_reduce_max(torch.tensor(
+                float(bool(cfg.time_limit) and time.time() - started > 60 * cfg.time_limit),
+                device=self.device)))
             if self.eval_set is not None and ((cfg.knn_every and (epoch + 1) % cfg.knn_every == 0)
                                               or last or out_of_time):
                 record["knn_top1"] = self.knn()
             self.history.append(record)
-            self.save(epoch + 1)
-            with open(self.output_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.save(epoch + 1, 0)
+            if self.rank == 0:
+                with open(self.output_dir / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
             log(format_record(record))
             warning = collapse_warning(record["teacher_entropy"], log_K)
             if warning:
@@ -1120,27 +1272,94 @@ class Trainer:
                      "data set: python dino.py)")
         return text
 
+    # -- interruptions and failures ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def stop_on_signals(self):
+        """Ctrl-C (SIGINT) or SIGTERM (sent by SLURM before it kills a job) asks the loop to stop
+        after the current step and save; a second Ctrl-C stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
+            return
+        self.stop_requested = False
+
+        def ask_to_stop(signum, frame):
+            if self.stop_requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+
+        previous = {s: signal.signal(s, ask_to_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def should_stop(self, step):
+        if self.world == 1:
+            return self.stop_requested
+        # processes must agree on the step they stop at: ask them all, every 10 steps
+        return step % 10 == 0 and bool(all_reduce_max(torch.tensor(
+            float(self.stop_requested), device=self.device)))
+
+    def check_finite(self):
+        """Raise if a loss so far was not finite (a host-device sync: call it on a cadence)."""
+        bad = -float(all_reduce_max(-self.first_bad))  # the earliest over the processes
+        if math.isfinite(bad):
+            epoch, step = divmod(int(bad), self.steps_per_epoch)
+            kept = (f"{self.checkpoint_path} still holds the last good state"
+                    if self.checkpoint_path.exists() else "no checkpoint was written")
+            raise DinoError(f"the loss became NaN or infinite at epoch {epoch + 1}, step {step} "
+                            f"(iteration {int(bad)}); {kept}. Try a lower --lr, --precision fp32, "
+                            f"or a higher --momentum_teacher")
+        weights = torch._foreach_norm([p.detach() for p in self.student.parameters()])
+        if not torch.stack(weights).isfinite().all():
+            raise DinoError(f"the student's weights became NaN or infinite; {self.checkpoint_path} "
+                            f"still holds the last good state. Try a lower --lr or --precision fp32")
+
     def knn(self, k=20, T=0.07):
+        """Weighted k-NN of the teacher's features; under several processes each extracts the
+        features of its share of the images and the shares are gathered."""
         backbone = self.teacher.backbone
         backbone.eval()
         size = self.cfg.global_crops_size
-        train_f, train_y = extract_features(backbone, eval_batches(self.train_set, size), self.device)
-        test_f, test_y = extract_features(backbone, eval_batches(self.eval_set, size), self.device)
+
+        def features(data):
+            part = shard(data, self.rank, self.world)
+            f, y = extract_features(backbone, eval_batches(part, size), self.device)
+            return gather_rows(f, self.device), gather_rows(y, self.device)
+
+        train_f, train_y = features(self.train_set)
+        test_f, test_y = features(self.eval_set)
         top1, _ = knn_accuracy(train_f, train_y, test_f, test_y, k=k, T=T,
                                num_classes=len(self.train_set.classes))
         return top1
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def state(self, epoch):
+    def state(self, epoch, step=0):
+        """Everything a resumed run needs to continue bitwise: weights, optimizer, center, the
+        position (epoch, step) and the running sums of the epoch. The data order, the views and
+        drop-path are pure functions of (seed, epoch, step), so the position fixes them."""
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "center": self.center.cpu(),
-                "epoch": epoch, "config": config_to_dict(self.cfg), "history": self.history,
+                "epoch": epoch, "step": step, "config": config_to_dict(self.cfg),
+                "history": self.history,
+                "progress": {"sums": all_reduce_mean(self.progress["sums"]).cpu(),
+                             "n": self.progress["n"],
+                             "skipped": gather_lists(self.progress["skipped"])},
                 # the backbone's dimensions, so the weights stay loadable if vit.ARCHS changes
                 "vit": dict(zip(("embed_dim", "depth", "num_heads"), vit.ARCHS[self.cfg.arch])),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+                "world_size": self.world, "rng": rng}
 
-    def save(self, epoch):
-        save_checkpoint(self.state(epoch), self.checkpoint_path)
+    def save(self, epoch, step=0):
+        """Check that the state is finite, then write it (first process only, atomically).
+        Every process calls this: the state gathers sums and file names from all of them."""
+        self.check_finite()
+        state = self.state(epoch, step)
+        if self.rank == 0:
+            save_checkpoint(state, self.checkpoint_path)
 
     def resume(self, log=print):
         if not self.checkpoint_path.exists():
@@ -1155,15 +1374,29 @@ class Trainer:
         if changed:
             raise DinoError(f"{self.checkpoint_path} was trained with other model settings "
                             f"({'; '.join(changed)}); use another --output_dir to start afresh")
+        step = ck.get("step", 0)
+        if step and ck.get("world_size", 1) * saved.get("batch_size", 0) != self.world * self.cfg.batch_size:
+            raise DinoError(f"{self.checkpoint_path} stopped inside an epoch with a global batch of "
+                            f"{ck.get('world_size', 1) * saved.get('batch_size', 0)}; resume with the "
+                            f"same --batch_size and number of processes")
         self.student.load_state_dict(ck["student"])
         self.teacher.load_state_dict(ck["teacher"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.center = ck["center"].to(self.device)
-        self.start_epoch = ck["epoch"]
+        self.start_epoch, self.start_step = ck["epoch"], step
         self.history = list(ck.get("history", []))
+        if "progress" in ck:
+            p = ck["progress"]
+            self.progress = {"sums": p["sums"].to(self.device), "n": p["n"],
+                             "skipped": list(p["skipped"]) if self.rank == 0 else []}
         torch.set_rng_state(ck["rng"]["torch"])
         random.setstate(_as_tuple(ck["rng"]["python"]))
-        log(f"resumed from {self.checkpoint_path} at epoch {self.start_epoch}/{self.cfg.epochs}")
+        if "cuda" in ck["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ck["rng"]["cuda"], self.device)
+        where = f"epoch {self.start_epoch}/{self.cfg.epochs}" + (
+            f" + {step}/{self.steps_per_epoch} steps" if step else "")
+        if self.rank == 0:
+            log(f"resumed from {self.checkpoint_path} at {where}")
         return True
 
 
@@ -1269,38 +1502,53 @@ def validate(cfg: Config):
 
 def main(argv=None):
     explicit = vars(build_parser().parse_args(argv))
-    name, train, evaluation = load_data(explicit.get("data", Config.data))
+    rank, world = init_distributed(explicit.get("device", Config.device))  # (0, 1) without torchrun
+    try:
+        return run(explicit, print if rank == 0 else (lambda *_, **__: None))
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def run(explicit: dict, say) -> int:
+    _, world = rank_and_world()
+    name, train, evaluation = load_data(explicit.get("data", Config.data),
+                                        strict=explicit.get("strict_data", False))
     cfg = make_config(explicit, probe_image_size(train), name)
-    if len(train) < cfg.batch_size:
+    if len(train) < cfg.batch_size * world:
         raise DinoError(f"the training split has {len(train)} images, fewer than --batch_size "
-                        f"{cfg.batch_size}; lower --batch_size")
+                        f"{cfg.batch_size} x {world} process(es); lower --batch_size")
     trainer = Trainer(cfg, train, evaluation)
     dev = trainer.device
     n_params = sum(p.numel() for p in trainer.student.backbone.parameters()) / 1e6
-    print(f"DINO on {name}: {len(train)} training images, "
-          f"{len(evaluation) if evaluation is not None else 0} for evaluation | {cfg.arch}/"
-          f"{cfg.patch_size} ({n_params:.1f}M) | K={cfg.out_dim} | 2x{cfg.global_crops_size}px + "
-          f"{cfg.local_crops_number}x{cfg.local_crops_size}px views | batch {cfg.batch_size} | "
-          f"{cfg.epochs} epochs on {dev} | output {cfg.output_dir}")
-    trainer.resume()
+    say(f"DINO on {name}: {len(train)} training images, "
+        f"{len(evaluation) if evaluation is not None else 0} for evaluation | {cfg.arch}/"
+        f"{cfg.patch_size} ({n_params:.1f}M) | K={cfg.out_dim} | 2x{cfg.global_crops_size}px + "
+        f"{cfg.local_crops_number}x{cfg.local_crops_size}px views | batch {cfg.batch_size}"
+        + (f" x {world} processes" if world > 1 else "")
+        + f" | {cfg.epochs} epochs on {dev} | output {cfg.output_dir}")
+    if train.skipped:
+        say(f"warning: {len(train.skipped)} unreadable image(s) left out (named in log.jsonl): "
+            f"{', '.join(train.skipped[:5])}" + (" ..." if len(train.skipped) > 5 else ""))
+    trainer.resume(log=say)
     if trainer.start_epoch >= cfg.epochs:
-        print(f"already trained for {cfg.epochs} epochs; raise --epochs to train further")
+        say(f"already trained for {cfg.epochs} epochs; raise --epochs to train further")
     else:
         try:
-            trainer.fit()
+            trainer.fit(log=say)
         except KeyboardInterrupt:
-            print(f"\ninterrupted: the last checkpoint is {trainer.checkpoint_path} "
-                  f"(epoch {len(trainer.history)}); run the same command to resume")
+            # fit() saved after the last complete step, unless a second Ctrl-C cut it short
+            say(f"stopped; the checkpoint is {trainer.checkpoint_path}: run the same command to resume")
             return 130
     if evaluation is not None:
         if not trainer.history or "knn_top1" not in trainer.history[-1]:
             top1 = trainer.knn()
         else:
             top1 = trainer.history[-1]["knn_top1"]
-        print(f"weighted k-NN (k=20, T=0.07, teacher backbone) top-1 on the evaluation split: "
-              f"{top1:.2f}%")
-        print(f"knn top1@20={top1:.2f}")
-    print(peak_memory(dev))
+        say(f"weighted k-NN (k=20, T=0.07, teacher backbone) top-1 on the evaluation split: "
+            f"{top1:.2f}%")
+        say(f"knn top1@20={top1:.2f}")
+    say(peak_memory(dev))
     return 0
 
 

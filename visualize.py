@@ -368,10 +368,10 @@ def make_views(data: dino.ImageSet, index: int, cfg: dino.Config, seed: int = 0)
         original = data.images[index]
         views = dino.multicrop(original[None], cfg, generator)  # list of (1, 3, S, S), normalised
     else:
-        torch.manual_seed(seed)  # torchvision's crops draw from the global generator
-        crops, bad = dino.FolderMultiCrop(data, cfg)[index]
-        if crops is None:
-            raise dino.DinoError(f"image {bad} could not be read (not an image, or damaged)")
+        # item (position, index): the crops are seeded by the position, here the seed
+        crops, bad = dino.FolderMultiCrop(data, cfg, epoch=0)[(seed, index)]
+        if bad:
+            raise dino.DinoError(f"image {bad[0]} could not be read (not an image, or damaged)")
         original = read_image(data.files[index])
         views = []
         for name, c in zip(names, crops):
