@@ -744,7 +744,8 @@ def train_batches(data: ImageSet, cfg: Config, epoch: int, device, start_step: i
              for p in range(s * GB + rank * B, s * GB + (rank + 1) * B)]
     loader = torch.utils.data.DataLoader(
         FolderMultiCrop(data, cfg, epoch), batch_size=B, sampler=items,
-        num_workers=cfg.num_workers, collate_fn=collate_views, drop_last=True)
+        num_workers=cfg.num_workers, collate_fn=collate_views, drop_last=True,
+        worker_init_fn=_leave_ctrl_c_to_the_main_process)
     for s, (crops, bad) in enumerate(loader, start=start_step):
         g = step_generator(cfg.seed, epoch, s, device)
         views = []
@@ -757,6 +758,12 @@ def train_batches(data: ImageSet, cfg: Config, epoch: int, device, start_step: i
             v = torch.where(p["flip"].view(-1, 1, 1, 1), v.flip(-1), v)  # the crop was done per image
             views.append(normalize(photometric(v, p)))
         yield views, bad
+
+
+def _leave_ctrl_c_to_the_main_process(worker_id):
+    # Ctrl-C reaches every process of the terminal; the main one finishes its step and saves,
+    # which needs the workers alive until then
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def eval_batches(data: ImageSet, size: int, batch_size: int = 256):
@@ -1131,7 +1138,7 @@ class Trainer:
         self.progress = self.fresh_progress(0)  # the running sums of the epoch in progress
         # the first iteration whose loss was not finite (inf: none), kept on the device
         self.first_bad = torch.tensor(math.inf, device=self.device)
-        self.stop_requested = False
+        self.stop_requested = self.saved_on_stop = False
         self.output_dir = Path(cfg.output_dir)
         self.checkpoint_path = self.output_dir / "checkpoint.pth"
 
@@ -1218,6 +1225,7 @@ class Trainer:
                 if self.should_stop(step):
                     bar.close()
                     self.save(epoch, step + 1)
+                    self.saved_on_stop = True
                     log(f"\ninterrupted: saved {self.checkpoint_path} at epoch {epoch + 1}, step "
                         f"{step + 1}/{self.steps_per_epoch}; run the same command to resume")
                     raise KeyboardInterrupt
@@ -1459,17 +1467,22 @@ def build_parser():
 
 def make_config(explicit: dict, image_size: int, name: str) -> Config:
     gpu = resolve_device(explicit.get("device", Config.device)).type == "cuda"
-    values = {**preset_for(image_size, name, gpu), **explicit}
-    values = {k: tuple(v) if isinstance(getattr(Config, k, None), tuple) else v
-              for k, v in values.items()}
-    cfg = Config(**values)
+    cfg = config_from({**preset_for(image_size, name, gpu), **explicit})
     if not cfg.output_dir:
         cfg.output_dir = str(Path("runs") / name)
     validate(cfg)
     return cfg
 
 
-def validate(cfg: Config):
+def config_from(values: dict) -> Config:
+    return Config(**{k: tuple(v) if isinstance(getattr(Config, k, None), tuple) else v
+                     for k, v in values.items()})
+
+
+def validate(cfg: Config, sizes: bool = True):
+    """One-line errors for impossible values. sizes=False skips the checks that depend on the
+    data's preset (crop sizes against the patch size), so the flags can be checked before any
+    data is read."""
     def need(ok, message):
         if not ok:
             raise DinoError(message)
@@ -1478,7 +1491,7 @@ def validate(cfg: Config):
     need(cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}")
     need(cfg.batch_size >= 1, f"--batch_size must be at least 1, got {cfg.batch_size}")
     need(cfg.patch_size >= 1, f"--patch_size must be at least 1, got {cfg.patch_size}")
-    for flag in ("global_crops_size", "local_crops_size"):
+    for flag in ("global_crops_size", "local_crops_size") if sizes else ():
         size = getattr(cfg, flag)
         need(size > 0 and size % cfg.patch_size == 0,
              f"--{flag} {size} is not a positive multiple of --patch_size {cfg.patch_size}")
@@ -1498,6 +1511,7 @@ def validate(cfg: Config):
     need(cfg.precision in ("auto", "bf16", "fp32"),
          f"--precision {cfg.precision} is unknown; use auto, bf16 or fp32")
     need(cfg.num_workers >= 0, f"--num_workers must be >= 0, got {cfg.num_workers}")
+    need(cfg.save_every >= 0, f"--save_every must be >= 0, got {cfg.save_every}")
 
 
 def main(argv=None):
@@ -1512,6 +1526,7 @@ def main(argv=None):
 
 def run(explicit: dict, say) -> int:
     _, world = rank_and_world()
+    validate(config_from(explicit), sizes=False)  # bad flag values fail before any data is read
     name, train, evaluation = load_data(explicit.get("data", Config.data),
                                         strict=explicit.get("strict_data", False))
     cfg = make_config(explicit, probe_image_size(train), name)
@@ -1537,8 +1552,9 @@ def run(explicit: dict, say) -> int:
         try:
             trainer.fit(log=say)
         except KeyboardInterrupt:
-            # fit() saved after the last complete step, unless a second Ctrl-C cut it short
-            say(f"stopped; the checkpoint is {trainer.checkpoint_path}: run the same command to resume")
+            if not trainer.saved_on_stop:  # a second Ctrl-C: the last periodic checkpoint stands
+                say(f"\nstopped; the last checkpoint is {trainer.checkpoint_path}: run the same "
+                    f"command to resume")
             return 130
     if evaluation is not None:
         if not trainer.history or "knn_top1" not in trainer.history[-1]:
