@@ -279,6 +279,18 @@ def test_shapes_are_deterministic_and_balanced():
     assert not torch.equal(dino.make_shapes(400, seed=6).images, a.images)
 
 
+def test_shapes_are_gray_and_their_brightness_hides_the_class():
+    """Every image is gray (R = G = B), and the mean brightness varies far more within a class
+    than between the class means: that one-number shortcut does not predict the class."""
+    d = dino.make_shapes(800, seed=2)
+    x = d.images.float()
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])
+    mean = x[:, 0].mean((1, 2))
+    class_means = torch.stack([mean[d.labels == k].mean() for k in range(8)])
+    within = torch.stack([mean[d.labels == k].std() for k in range(8)])
+    assert class_means.std() < 0.5 * within.mean()
+
+
 def test_presets_apply_under_explicit_flags():
     cfg = dino.make_config({"epochs": 3}, image_size=32, name="cifar10")
     assert (cfg.patch_size, cfg.global_crops_size, cfg.local_crops_size, cfg.epochs) == (4, 32, 16, 3)
