@@ -213,8 +213,9 @@ def make_shapes(n: int, seed: int, size: int = 32, gray: bool = True) -> ImageSe
     because with random colours a few hundred steps of DINO learn to match views by colour
     (colour is shared by all crops of an image) and never reach the shapes. Deterministic for a
     seed; drawn 1000 images at a time so memory stays small. gray=False keeps the colours (the
-    same lattices): the collapse notebooks use it, since colours make the untrained network's
-    outputs differ from image to image, and the centering/sharpening balance shows in few steps.
+    same lattices): the collapse notebooks' fast mode uses it, since colours make the untrained
+    network's outputs differ from image to image, and the centering/sharpening balance shows
+    within its 120 steps.
     """
     g = torch.Generator().manual_seed(seed)
     parts = [draw_shapes(min(1000, n - start), g, size, gray) for start in range(0, n, 1000)]
