@@ -117,3 +117,19 @@ def test_image_folder_trains_and_skips_a_corrupt_file(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "broken.jpg" in result.stdout and "knn top1@20=" in result.stdout
     assert (tmp_path / "out" / "checkpoint.pth").exists()
+
+
+def test_time_estimate_is_readable_and_points_a_cpu_user_to_the_quick_run():
+    assert [dino.duration(m) for m in (7.4, 210, 6938)] == ["7 min", "3.5 h", "4.8 days"]
+    cfg = dino.make_config({"device": "cpu", "data": "./cifar10"}, image_size=32, name="cifar10")
+    data = dino.ImageSet(labels=torch.zeros(512, dtype=torch.long), classes=["a"],
+                         images=torch.zeros(512, 3, 32, 32, dtype=torch.uint8))
+    trainer = dino.Trainer(cfg, data, None, quiet=True)
+    assert trainer.steps_per_epoch == 2  # 512 images in batches of 256
+    # 200 steps in all; after step 0 of epoch 2 (the 5th), 195 remain: 195 × 72 s = 234 min
+    text = trainer.time_estimate(72.0, epoch=2, step=0)
+    assert text.startswith("about 72.00 s/step: 3.9 h for the remaining 195 steps on cpu")
+    assert "python dino.py" in text
+    # on the built-in data set there is nothing quicker to suggest
+    trainer.cfg = dino.dataclasses.replace(cfg, data="shapes")
+    assert "python dino.py" not in trainer.time_estimate(72.0, epoch=2, step=0)
