@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from einops import rearrange
 
 import dino
 
@@ -135,3 +136,51 @@ def test_compile_matches_eager():
     assert compiled_loss == pytest.approx(eager_loss, abs=1e-5)
     for k in eager:
         torch.testing.assert_close(compiled[k], eager[k], atol=1e-5, rtol=1e-4)
+
+
+def test_auto_precision_is_bf16_on_gpus_and_fp32_on_cpus():
+    assert dino.use_bf16("auto", torch.device("cuda", 0)) and not dino.use_bf16("auto", torch.device("cpu"))
+    assert dino.use_bf16("bf16", torch.device("cpu")) and not dino.use_bf16("fp32", torch.device("cuda", 0))
+
+
+def test_bf16_attention_on_a_cpu_is_the_explicit_softmax():
+    """vit.Attention spells the softmax out for bf16 on a CPU (PyTorch's bf16 SDPA kernel is 5-7x
+    slower there): its output equals the explicit path's bit for bit, where SDPA's would differ
+    by bf16 rounding, and the fp32 (SDPA) output up to that rounding."""
+    import vit
+    attention = vit.Attention(dim=64, num_heads=4).eval()
+    x = torch.randn(3, 17, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, attn = attention(x)
+            explicit, _ = attention(x, return_attention=True)
+            q, k, v = rearrange(attention.qkv(x), "b n (three h d) -> three b h n d",
+                                     three=3, h=4)
+            sdpa = attention.proj(rearrange(torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, scale=attention.scale), "b h n d -> b n (h d)"))
+        exact, _ = attention(x)  # fp32: through SDPA
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, explicit) and not torch.equal(out, sdpa)
+    torch.testing.assert_close(out.float(), exact, atol=3e-2, rtol=3e-2)
+
+
+def test_benchmark_prints_every_figure_and_its_ratios_agree(capsys):
+    """benchmark.py (a benchmark, not a timed test): it runs, and the ratios it prints are the
+    quotients of the times it prints."""
+    import benchmark
+    assert benchmark.main(["--arch", "vit_nano", "--out_dim", "64", "--hidden_dim", "64",
+                           "--bottleneck_dim", "32", "--batch_size", "16", "--local_crops_number", "2",
+                           "--device", "cpu", "--steps", "1", "--warmup", "0",
+                           "--options", "sdpa,precision"]) == 0
+    out = capsys.readouterr().out
+    ms = {line[:42].strip(): float(line.split()[-1]) for line in out.splitlines()
+          if line.startswith(("whole step", "model only", "augment, batched", "augment, per image"))}
+    assert len(ms) == 4 and all(v > 0 for v in ms.values())
+    ratio = float(out.split("whole / model only = ")[1].split()[0])
+    assert ratio == pytest.approx(ms["whole step"] / ms["model only (fwd+bwd+update)"], rel=2e-3)
+    speedup = float(out.split("batched / per-image augmentation = ")[1].split("x")[0])
+    # per-image views/s over batched views/s = batched time over per-image time, per batch
+    assert speedup == pytest.approx(ms["augment, per image (authors', 1 process)"]
+                                    / ms["augment, batched"], rel=0.05)
+    assert "explicit softmax instead of SDPA" in out and "bf16 autocast instead of fp32" in out
+    assert "peak memory: CPU RSS" in out

@@ -119,7 +119,7 @@ def test_image_folder_trains_and_skips_a_corrupt_file(tmp_path):
     assert (tmp_path / "out" / "checkpoint.pth").exists()
 
 
-def test_time_estimate_is_readable_and_points_a_cpu_user_to_the_quick_run():
+def test_time_estimate_is_readable_and_points_a_cpu_user_to_the_quick_run(monkeypatch):
     assert [dino.duration(m) for m in (7.4, 210, 6938)] == ["7 min", "3.5 h", "4.8 days"]
     cfg = dino.make_config({"device": "cpu", "data": "./cifar10"}, image_size=32, name="cifar10")
     data = dino.ImageSet(labels=torch.zeros(512, dtype=torch.long), classes=["a"],
@@ -127,9 +127,14 @@ def test_time_estimate_is_readable_and_points_a_cpu_user_to_the_quick_run():
     trainer = dino.Trainer(cfg, data, None, quiet=True)
     assert trainer.steps_per_epoch == 2  # 512 images in batches of 256
     # 200 steps in all; after step 0 of epoch 2 (the 5th), 195 remain: 195 × 72 s = 234 min
-    text = trainer.time_estimate(72.0, epoch=2, step=0)
-    assert text.startswith("about 72.00 s/step: 3.9 h for the remaining 195 steps on cpu")
-    assert "python dino.py" in text
-    # on the built-in data set there is nothing quicker to suggest
+    for native in (True, False):
+        monkeypatch.setattr(dino, "cpu_has_native_bf16", lambda: native)
+        text = trainer.time_estimate(72.0, epoch=2, step=0)
+        assert text.startswith("about 72.00 s/step: 3.9 h for the remaining 195 steps on cpu")
+        assert "python dino.py" in text and "a GPU" in text
+        assert ("--precision bf16" in text) == native  # suggested where the CPU has bf16
+    # on the built-in data set there is no quicker data set to suggest; an hour or less: no hints
     trainer.cfg = dino.dataclasses.replace(cfg, data="shapes")
     assert "python dino.py" not in trainer.time_estimate(72.0, epoch=2, step=0)
+    assert trainer.time_estimate(18.3, epoch=2, step=0) == \
+        "about 18.30 s/step: 59 min for the remaining 195 steps on cpu"
