@@ -134,7 +134,7 @@ def main(argv=None):
                          warmup + (2 if changes.get("compile") else 0)), loss
 
         base_precision = "bf16" if trainer.bf16 else "fp32"
-        explicit_anyway = trainer.bf16 and device.type == "cpu"  # vit.Attention: bf16 on a CPU
+        explicit_anyway = trainer.bf16 and vit.Attention.slow_sdpa(torch.bfloat16, device)
         base, base_loss = measure()
         print(f"\nmodel-only step, options (baseline: {'explicit softmax' if explicit_anyway else 'SDPA'}, "
               f"{base_precision}, eager: {n / base:.1f} samples/s, first loss {base_loss:.5f})")

@@ -61,12 +61,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, return_attention: bool = False):
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+    @staticmethod
+    def slow_sdpa(dtype, device) -> bool:
         # PyTorch's CPU kernel for bf16 SDPA is 5-7x slower than the explicit product at these
         # lengths (17-65 tokens; torch 2.14 on an AVX512-BF16 EPYC), so bf16 on a CPU spells it out
-        explicit = not self.fused or (q.dtype == torch.bfloat16 and q.device.type == "cpu")
-        if return_attention or explicit:
+        return dtype == torch.bfloat16 and torch.device(device).type == "cpu"
+
+    def forward(self, x, return_attention: bool = False):
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        if return_attention or not self.fused or self.slow_sdpa(q.dtype, q.device):
             # $$A = \mathrm{softmax}(q k^\top / \sqrt{d})$$, spelled out so the weights can be returned
             attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)  # (B, h, N, N)
             out = attn @ v  # (B, h, N, d)

@@ -154,8 +154,7 @@ def test_bf16_attention_on_a_cpu_is_the_explicit_softmax():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out, attn = attention(x)
             explicit, _ = attention(x, return_attention=True)
-            q, k, v = rearrange(attention.qkv(x), "b n (three h d) -> three b h n d",
-                                     three=3, h=4)
+            q, k, v = rearrange(attention.qkv(x), "b n (three h d) -> three b h n d", three=3, h=4)
             sdpa = attention.proj(rearrange(torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, scale=attention.scale), "b h n d -> b n (h d)"))
         exact, _ = attention(x)  # fp32: through SDPA
