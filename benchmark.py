@@ -20,11 +20,14 @@ all figures come from one run on one machine, so compare ratios, not absolute nu
 """
 
 import argparse
+import dataclasses
+import math
 import sys
 import time
 
 import torch
 
+import data
 import dino
 import vit
 
@@ -60,29 +63,31 @@ def authors_pipeline(cfg: dino.Config) -> list:
                T.RandomApply([T.ColorJitter(**dino.JITTER)], p=spec.jitter),
                T.RandomGrayscale(spec.gray)]
         if spec.blur:
-            radius = max(1, dino.math.ceil(3 * sigma[1]))
+            radius = max(1, math.ceil(3 * sigma[1]))
             ops.append(T.RandomApply([T.GaussianBlur(2 * radius + 1, sigma=sigma)], p=spec.blur))
         if spec.solarize:
             ops.append(T.RandomSolarize(128, p=spec.solarize))
         ops += [T.PILToTensor(), T.ToDtype(torch.float32, scale=True),
-                T.Normalize(dino.IMAGENET_MEAN, dino.IMAGENET_STD)]
+                T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]
         views.append(T.Compose(ops))
     return views
 
 
-def main(argv=None):
-    parser = dino.build_parser()
+def own_flags():
+    parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--options", default="sdpa,precision,compile",
                         help="model options to compare, comma-separated (empty: none)")
-    explicit = vars(parser.parse_args(argv))
-    steps, warmup, options = explicit.pop("steps"), explicit.pop("warmup"), explicit.pop("options")
-    name, train, _ = dino.load_data(explicit.get("data", dino.Config.data))
-    if train.images is None:
-        raise dino.DinoError("benchmark.py needs an in-memory data set (shapes or CIFAR-10)")
-    explicit.setdefault("output_dir", "runs/benchmark")
-    cfg = dino.make_config(explicit, dino.probe_image_size(train), name)
+    return parser
+
+
+def main(argv=None):
+    own, argv = own_flags().parse_known_args(argv)
+    cfg = dino.parse_config(argv)
+    name, train, _ = data.load_data(cfg.data)
+    data.require(train.images is not None, "benchmark.py needs an in-memory data set (shapes or CIFAR-10)")
+    steps, warmup = own.steps, own.warmup
     trainer = dino.Trainer(cfg, train, None, quiet=True)
     device, n = trainer.device, cfg.batch_size
     images = trainer.train_set.images  # on the GPU when training there
@@ -100,8 +105,8 @@ def main(argv=None):
         return dino.multicrop(images[idx].to(device), cfg, g)
 
     fixed = batch_views()
-    whole = timed(lambda: trainer.train_step(batch_views(), 0, 1), device, steps, warmup)
-    model = timed(lambda: trainer.train_step(fixed, 0, 1), device, steps, warmup)
+    whole = timed(lambda: trainer.step(batch_views(), 0), device, steps, warmup)
+    model = timed(lambda: trainer.step(fixed, 0), device, steps, warmup)
     augment = timed(batch_views, device, steps, warmup)
     rows = [("whole step", whole), ("model only (fwd+bwd+update)", model), ("augment, batched", augment)]
 
@@ -120,17 +125,17 @@ def main(argv=None):
     print(f"batched / per-image augmentation = {per_image / augment:.1f}x the views/s")
 
     # model options, each on the model-only step from the same weights and views
-    options = [o for o in options.split(",") if o]
+    options = [o for o in own.options.split(",") if o]
     if options:
         start = {k: v.clone() for k, v in trainer.student.state_dict().items()}
 
         def measure(**changes):
-            variant = dino.Trainer(dino.dataclasses.replace(cfg, **changes), train, None, quiet=True)
+            variant = dino.Trainer(dataclasses.replace(cfg, **changes), train, None, quiet=True)
             variant.student.load_state_dict(start)
             variant.teacher.load_state_dict(start)
             torch.manual_seed(0)
-            loss = variant.train_step(fixed, 0, 1)[0].item()
-            return timed(lambda: variant.train_step(fixed, 0, 1), device, steps,
+            loss = variant.step(fixed, 0)[0].item()
+            return timed(lambda: variant.step(fixed, 0), device, steps,
                          warmup + (2 if changes.get("compile") else 0)), loss
 
         base_precision = "bf16" if trainer.bf16 else "fp32"
@@ -157,12 +162,12 @@ def main(argv=None):
                 vit.Attention.fused = True
             print(f"  {label:38s} {n / seconds:8.1f} samples/s  speed-up {base / seconds:5.2f}x  "
                   f"first loss {loss:.5f} (Δ {loss - base_loss:+.1e})")
-    print(dino.peak_memory(device))
+    print(data.peak_memory(device))
     return 0
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except dino.DinoError as e:
+    except data.DinoError as e:
         sys.exit(f"error: {e}")

@@ -11,7 +11,8 @@ extract_features and knn_accuracy from this file, so both report the same number
   python knn_eval.py --raw_pixels --data ./cifar10                     # pixels alone: 45.8 % (k=20)
 
 The file reads: 1. features (a network's, or raw pixels)  2. weighted k-NN  3. linear probe
-4. loading weights (this project's checkpoints, the authors' released ones)  5. command line.
+4. command line. Weights load through vit.load_backbone (this project's checkpoints and the
+authors' released ones), data through data.load_data.
 
 Where this knowingly differs from the authors' eval_knn.py and eval_linear.py:
 - any number of classes and any number of test images (theirs assumes 1000 classes and breaks
@@ -23,17 +24,18 @@ Where this knowingly differs from the authors' eval_knn.py and eval_linear.py:
 
 import argparse
 import math
-import resource
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from tqdm import tqdm  # plain bars: the notebooks train quietly, and tqdm.auto warns there
 
+import data
 import vit
+from data import DinoError, require
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,21 +81,17 @@ def extract_probe_features(backbone, batches, device, n_last_blocks=4, avgpool=F
 def raw_pixel_features(train_batches, test_batches, chunk_size=4096):
     """The baseline without any network: an image's pixels are its feature.
 
-    Batches are those of dino.eval_batches (ImageNet-normalised centre views); the normalisation is
+    Batches are those of data.eval_batches (ImageNet-normalised centre views); the normalisation is
     undone so x holds the pixels in [0, 1], flattened to 3·H·W values. With μ the mean training
     image, the feature is f(x) = (x − μ) / ‖x − μ‖, ready for the cosine similarity of the k-NN.
     Pixels are held as 8-bit values between the passes: a quarter of the memory of float32.
     Returns (train_features, train_labels, test_features, test_labels).
     """
-    import dino
-    mean = torch.tensor(dino.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(dino.IMAGENET_STD).view(1, 3, 1, 1)
-
     def pixels(batches):
         xs, ys = [], []
         for x, y in batches:
-            x = (x.cpu() * std + mean) * 255  # undo (x − mean) / std: back to 0 … 255
-            xs.append(rearrange(x.round().clamp(0, 255).to(torch.uint8), "b c h w -> b (c h w)"))
+            x = data.unnormalize(x.cpu()) * 255  # back to 0 … 255
+            xs.append(rearrange(x.round().to(torch.uint8), "b c h w -> b (c h w)"))
             ys.append(torch.as_tensor(y))
         return torch.cat(xs), torch.cat(ys)
 
@@ -105,9 +103,9 @@ def raw_pixel_features(train_batches, test_batches, chunk_size=4096):
 
     def centred(x):
         out = torch.empty(x.shape, dtype=torch.float32)
-        for s in range(0, len(x), chunk_size):
+        for start in range(0, len(x), chunk_size):
             # $$f(x) = \frac{x - \mu}{\lVert x - \mu \rVert}$$
-            out[s:s + chunk_size] = F.normalize(x[s:s + chunk_size].float() / 255 - mu, dim=1)
+            out[start:start + chunk_size] = F.normalize(x[start:start + chunk_size].float() / 255 - mu, dim=1)
         return out
 
     return centred(train_x), train_y, centred(test_x), test_y
@@ -133,15 +131,15 @@ def nearest_neighbours(train_features, test_features, k, chunk_size=1024):
         yield s.topk(k, dim=1)  # values and indices, (chunk, k) each, sorted descending
 
 
-def weighted_vote(s_top, y_top, T, num_classes):
+def weighted_vote(s_top, y_top, temperature, num_classes):
     """Class scores (n, C) from the similarities s_top (n, k) and labels y_top (n, k) of the neighbours."""
-    # $$\mathrm{score}(c) = \sum_{i \in \text{top-}k,\ y_i = c} \exp(s_i / T)$$
+    # $$\mathrm{score}(c) = \sum_{i \in \text{top-}k,\ y_i = c} \exp(s_i / T)$$, T the temperature
     votes = torch.zeros(len(s_top), num_classes, dtype=s_top.dtype, device=s_top.device)
-    return votes.scatter_add_(1, y_top, torch.exp(s_top / T))
+    return votes.scatter_add_(1, y_top, torch.exp(s_top / temperature))
 
 
 @torch.no_grad()
-def knn_scores(train_features, train_labels, test_features, k=20, T=0.07, num_classes=None,
+def knn_scores(train_features, train_labels, test_features, k=20, temperature=0.07, num_classes=None,
                chunk_size=1024):
     """Class scores (N_test, C) of the weighted k-NN vote; features must be L2-normalised.
 
@@ -149,7 +147,7 @@ def knn_scores(train_features, train_labels, test_features, k=20, T=0.07, num_cl
     """
     num_classes = num_classes or int(train_labels.max()) + 1
     train_labels = train_labels.to(train_features.device)
-    scores = [weighted_vote(s, train_labels[idx], T, num_classes)
+    scores = [weighted_vote(s, train_labels[idx], temperature, num_classes)
               for s, idx in nearest_neighbours(train_features, test_features, k, chunk_size)]
     return torch.cat(scores)
 
@@ -172,7 +170,7 @@ def topk_accuracy(scores, labels):
 
 @torch.no_grad()
 def knn_sweep(train_features, train_labels, test_features, test_labels, ks=(10, 20, 100, 200),
-              T=0.07, num_classes=None, chunk_size=1024):
+              temperature=0.07, num_classes=None, chunk_size=1024):
     """{k: (top-1, top-5)} in percent for several k from one pass over the similarities: the k
     nearest neighbours are the first k of the max(ks) nearest."""
     num_classes = num_classes or int(train_labels.max()) + 1
@@ -184,16 +182,16 @@ def knn_sweep(train_features, train_labels, test_features, test_labels, ks=(10, 
         y = test_labels[start:start + len(s)]
         start += len(s)
         for k in ks:
-            votes = weighted_vote(s[:, :k], train_labels[idx[:, :k]], T, num_classes)
+            votes = weighted_vote(s[:, :k], train_labels[idx[:, :k]], temperature, num_classes)
             rank = rank_of_true_class(votes, y).cpu()
             hits[k] += torch.stack([(rank < 1).sum(), (rank < 5).sum()])
     return {k: tuple((100 * h / len(test_labels)).tolist()) for k, h in hits.items()}
 
 
-def knn_accuracy(train_features, train_labels, test_features, test_labels, k=20, T=0.07,
+def knn_accuracy(train_features, train_labels, test_features, test_labels, k=20, temperature=0.07,
                  num_classes=None, chunk_size=1024):
     """(top-1, top-5) accuracy in percent of the weighted k-NN classifier."""
-    return knn_sweep(train_features, train_labels, test_features, test_labels, (k,), T,
+    return knn_sweep(train_features, train_labels, test_features, test_labels, (k,), temperature,
                      num_classes, chunk_size)[k]
 
 
@@ -205,11 +203,11 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k=20,
 def train_linear_probe(features, labels, num_classes, epochs=100, lr=0.001, batch_size=256,
                        device="cpu", seed=0):
     """A Linear(d, C) trained with cross-entropy on cached features (N, d); returns it on device."""
-    g = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     n, dim = features.shape
     probe = nn.Linear(dim, num_classes)
     with torch.no_grad():  # the authors' init: W ~ N(0, 0.01²), b = 0
-        probe.weight.normal_(0.0, 0.01, generator=g)
+        probe.weight.normal_(0.0, 0.01, generator=generator)
         probe.bias.zero_()
     probe = probe.to(device)
     # linear scaling rule: $$lr = lr_{base} \cdot \frac{\text{batch}}{256}$$
@@ -219,7 +217,7 @@ def train_linear_probe(features, labels, num_classes, epochs=100, lr=0.001, batc
     steps_per_epoch = math.ceil(n / batch_size)
     total = epochs * steps_per_epoch
     for epoch in range(epochs):
-        order = torch.randperm(n, generator=g).to(device)
+        order = torch.randperm(n, generator=generator).to(device)
         for step in range(steps_per_epoch):
             t = epoch * steps_per_epoch + step
             # $$lr_t = \tfrac{1}{2}\, lr \,\big(1 + \cos(\pi t / t_{total})\big)$$ per step (authors: per epoch)
@@ -241,119 +239,7 @@ def probe_accuracy(probe, features, labels, chunk_size=4096):
 
 
 # ------------------------------------------------------------------------------------------------
-# 4. Loading weights: this project's checkpoints (config + student/teacher) and the authors'
-#    released ViT weights (a plain backbone state dict or a full checkpoint with prefixes).
-# ------------------------------------------------------------------------------------------------
-
-def backbone_state_dict(state_dict):
-    """Strip the authors' prefixes: `module.` (DistributedDataParallel) and `backbone.`
-    (MultiCropWrapper); the projection head (`head.*`) is dropped."""
-    sd = {k.removeprefix("module."): v for k, v in state_dict.items() if torch.is_tensor(v)}
-    if any(k.startswith("backbone.") for k in sd):
-        sd = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
-    return {k: v for k, v in sd.items() if not k.startswith("head.")}
-
-
-def require_vit_keys(sd, source):
-    """A one-line error unless the state dict has the keys of a ViT (a ResNet's, say, has not)."""
-    import dino
-    needed = ["cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight"]
-    missing = [k for k in needed if k not in sd] or ([] if any(k.startswith("blocks.") for k in sd)
-                                                     else ["blocks.*"])
-    if missing:
-        sample = ", ".join(list(sd)[:3]) or "none"
-        raise dino.DinoError(f"{source} holds no ViT weights (no {', '.join(missing)}; its keys "
-                             f"begin {sample}); only ViT backbones can be evaluated")
-
-
-def vit_from_state_dict(sd, source):
-    """The ViT these weights fit, sized from their shapes, with the weights loaded strictly.
-
-    Width D from cls_token (1, 1, D), depth from the number of blocks, patch p from
-    patch_embed.proj.weight (D, 3, p, p), training resolution from pos_embed (1, (S/p)² + 1, D),
-    heads from vit.ARCHS by width. Returns (model, arch name, training resolution S).
-    """
-    import dino
-    require_vit_keys(sd, source)
-    dim = sd["cls_token"].shape[-1]
-    _, in_chans, patch, _ = sd["patch_embed.proj.weight"].shape  # (D, 3, p, p)
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    side = math.isqrt(sd["pos_embed"].shape[1] - 1)  # patches per side at the training resolution
-    arch = next((name for name, (d, _, _) in vit.ARCHS.items() if d == dim), None)
-    if arch is None:
-        widths = ", ".join(f"{name} {d}" for name, (d, _, _) in vit.ARCHS.items())
-        raise dino.DinoError(f"{source}: ViT width {dim} is none of the known sizes ({widths})")
-    if in_chans != 3:
-        raise dino.DinoError(f"{source}: the ViT takes {in_chans} input channels; images are RGB")
-    mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / dim if "blocks.0.mlp.fc1.weight" in sd else 4.0
-    model = vit.VisionTransformer(img_size=side * patch, patch_size=patch, embed_dim=dim, depth=depth,
-                                  num_heads=vit.ARCHS[arch][2], mlp_ratio=mlp_ratio)
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise dino.DinoError(f"{source}: the weights do not fit a {arch}/{patch} ViT of depth "
-                             f"{depth} ({_first_problem(e)})") from None
-    name = arch if depth == vit.ARCHS[arch][1] else f"{arch} (depth {depth})"
-    return model, name, side * patch
-
-
-def load_pretrained(path, weights="teacher"):
-    """A ViT backbone from weights in the authors' released format.
-
-    Accepted: a plain backbone state dict (dino_deitsmall16_pretrain.pth), or a full checkpoint
-    {"teacher": {...}, "student": {"module.backbone.…": …}}. Returns (backbone, arch, resolution).
-    """
-    import dino
-    obj = dino.load_checkpoint(path)
-    if not isinstance(obj, dict):
-        raise dino.DinoError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    if "teacher" in obj or "student" in obj:
-        if not isinstance(obj.get(weights), dict):
-            raise dino.DinoError(f"{path} has no {weights!r} weights; try --weights "
-                                 f"{'student' if weights == 'teacher' else 'teacher'}")
-        obj = obj[weights]
-    return vit_from_state_dict(backbone_state_dict(obj), str(path))
-
-
-def load_dino_checkpoint(path, weights="teacher"):
-    """The backbone of a checkpoint of dino.py: (backbone, arch, training resolution).
-
-    The checkpoint holds "student" and "teacher" (state dicts of dino.MultiCropWrapper, keys
-    backbone.* and head.*) and "config"; the backbone is built from the config's arch, patch
-    size and global crop size, and the weights must fit it exactly.
-    """
-    import dino
-    ck = dino.load_checkpoint(path)
-    if not isinstance(ck, dict) or not isinstance(ck.get("teacher"), dict) \
-            or not isinstance(ck.get("student"), dict):
-        raise dino.DinoError(f"{path} is not a DINO checkpoint (it has no 'teacher' and 'student' "
-                             f"weights); for a plain ViT state dict use --pretrained")
-    sd = backbone_state_dict(ck[weights])
-    config = ck.get("config") if isinstance(ck.get("config"), dict) else {}
-    if not {"arch", "patch_size", "global_crops_size"} <= set(config):
-        return vit_from_state_dict(sd, str(path))  # no config: size the ViT from the weights
-    arch, patch, size = config["arch"], config["patch_size"], config["global_crops_size"]
-    if arch not in vit.ARCHS:
-        raise dino.DinoError(f"{path} was trained with arch {arch!r}, which vit.py does not know")
-    require_vit_keys(sd, str(path))
-    backbone = vit.build_vit(arch, patch, img_size=size)
-    try:
-        backbone.load_state_dict(sd)
-    except RuntimeError as e:
-        raise dino.DinoError(f"{path}: the {weights} weights do not fit its config's {arch}/{patch} "
-                             f"({_first_problem(e)})") from None
-    return backbone, arch, size
-
-
-def _first_problem(error, limit=160):
-    """The first specific line of load_state_dict's error (the first line only names the class)."""
-    lines = [l.strip() for l in str(error).splitlines() if l.strip()]
-    line = lines[1] if len(lines) > 1 else lines[0] if lines else "no message"
-    return line if len(line) <= limit else line[:limit] + " ..."
-
-
-# ------------------------------------------------------------------------------------------------
-# 5. Command line.
+# 4. Command line.
 # ------------------------------------------------------------------------------------------------
 
 def build_parser():
@@ -402,7 +288,6 @@ def build_parser():
 
 
 def validate(args):
-    import dino
     checks = [(all(k >= 1 for k in args.k), f"--k must be at least 1, got {args.k}"),
               (args.temperature > 0, f"--temperature must be positive, got {args.temperature}"),
               (args.batch_size >= 1, f"--batch_size must be at least 1, got {args.batch_size}"),
@@ -414,40 +299,40 @@ def validate(args):
               (args.probe_batch_size >= 1,
                f"--probe_batch_size must be at least 1, got {args.probe_batch_size}")]
     for ok, message in checks:
-        if not ok:
-            raise dino.DinoError(message)
-    if not (args.checkpoint or args.pretrained or args.raw_pixels or args.load_features):
-        raise dino.DinoError("nothing to evaluate: give --checkpoint, --pretrained, --raw_pixels "
-                             "or --load_features")
+        require(ok, message)
+    require(args.checkpoint or args.pretrained or args.raw_pixels or args.load_features,
+            "nothing to evaluate: give --checkpoint, --pretrained, --raw_pixels or --load_features")
 
 
 def compute_features(args, device, log):
     """Load data and weights, extract features once; returns the dict --save_features writes."""
-    import dino
-    from tqdm.auto import tqdm
     if args.checkpoint or args.pretrained:  # weights first: their errors come before any data work
-        load = load_dino_checkpoint if args.checkpoint else load_pretrained
-        backbone, arch, train_size = load(args.checkpoint or args.pretrained, args.weights)
-        if args.n_last_blocks > len(backbone.blocks):
-            raise dino.DinoError(f"--n_last_blocks {args.n_last_blocks} exceeds the "
-                                 f"{len(backbone.blocks)} blocks of the ViT")
-        if (args.image_size or train_size) % backbone.patch_size:
-            raise dino.DinoError(f"--image_size {args.image_size or train_size} is not a multiple of "
-                                 f"the patch size {backbone.patch_size}")
-    name, train, evaluation = dino.load_data(args.data)
-    if evaluation is None:
-        raise dino.DinoError(f"{args.data} has no evaluation split (a val/ or test/ folder beside "
-                             f"train/); the k-NN needs one")
-    classes = list(train.classes)
+        path = args.checkpoint or args.pretrained
+        weights = data.load_checkpoint(path)
+        require(not args.checkpoint or (isinstance(weights, dict) and "teacher" in weights),
+                f"{path} is not a DINO checkpoint (it has no 'teacher' and 'student' weights); for "
+                f"a plain ViT state dict use --pretrained")
+        backbone = vit.backbone_from(weights, str(path), args.weights)
+        train_size = backbone.img_size
+        require(args.n_last_blocks <= len(backbone.blocks), f"--n_last_blocks {args.n_last_blocks} "
+                f"exceeds the {len(backbone.blocks)} blocks of the ViT")
+        require((args.image_size or train_size) % backbone.patch_size == 0,
+                f"--image_size {args.image_size or train_size} is not a multiple of the patch size "
+                f"{backbone.patch_size}")
+    name, train_set, eval_set = data.load_data(args.data)
+    require(eval_set is not None, f"{args.data} has no evaluation split (a val/ or test/ folder "
+                                  f"beside train/); the k-NN needs one")
+    classes = list(train_set.classes)
     if args.raw_pixels:
-        size = args.image_size or dino.preset_for(dino.probe_image_size(train), name).get(
-            "global_crops_size", dino.Config.global_crops_size)
+        # the images' own size up to 64 px (dino.py trains small images at 32 px), else 224 px
+        side = data.probe_image_size(train_set)
+        size = args.image_size or (side if side <= 64 else 224)
         source = f"raw pixels ({size} px centre views)"
-        log(f"{source} of {name}: {len(train)} training, {len(evaluation)} evaluation images, "
+        log(f"{source} of {name}: {len(train_set)} training, {len(eval_set)} evaluation images, "
             f"{len(classes)} classes")
         train_f, train_y, test_f, test_y = raw_pixel_features(
-            dino.eval_batches(train, size, args.batch_size),
-            dino.eval_batches(evaluation, size, args.batch_size))
+            data.eval_batches(train_set, size, args.batch_size),
+            data.eval_batches(eval_set, size, args.batch_size))
         features = dict(train_features=train_f, train_labels=train_y, test_features=test_f,
                         test_labels=test_y)
         if args.linear:  # the probe gets the same centred pixels
@@ -456,15 +341,15 @@ def compute_features(args, device, log):
 
     size = args.image_size or train_size
     source = (f"{args.weights} backbone of {args.checkpoint}" if args.checkpoint
-              else f"{args.pretrained}") + f" ({arch}/{backbone.patch_size}, {size} px centre views)"
-    log(f"{source} on {name}: {len(train)} training, {len(evaluation)} evaluation images, "
+              else f"{args.pretrained}") + f" ({vit.describe(backbone)}, {size} px centre views)"
+    log(f"{source} on {name}: {len(train_set)} training, {len(eval_set)} evaluation images, "
         f"{len(classes)} classes")
     backbone = backbone.to(device).eval()
     n = args.n_last_blocks if args.linear else 1
     out = {}
-    for split, data in (("train", train), ("test", evaluation)):
-        batches = tqdm(dino.eval_batches(data, size, args.batch_size), desc=f"features ({split})",
-                       total=math.ceil(len(data) / args.batch_size), leave=False, disable=None)
+    for split, images in (("train", train_set), ("test", eval_set)):
+        batches = tqdm(data.eval_batches(images, size, args.batch_size), desc=f"features ({split})",
+                       total=math.ceil(len(images) / args.batch_size), leave=False, disable=None)
         knn_f, probe_f, labels = extract_probe_features(backbone, batches, device, n, args.avgpool)
         out.update({f"{split}_features": knn_f, f"{split}_labels": labels})
         if args.linear:
@@ -476,28 +361,20 @@ def compute_features(args, device, log):
 
 
 def read_features(path, need_probe):
-    import dino
-    features = dino.load_checkpoint(path)
+    features = data.load_checkpoint(path)
     keys = {"train_features", "train_labels", "test_features", "test_labels", "classes"}
-    if not isinstance(features, dict) or not keys <= set(features):
-        raise dino.DinoError(f"{path} is not a features file written by --save_features")
-    if need_probe and "train_probe" not in features:
-        raise dino.DinoError(f"{path} was saved without --linear, so it holds no probe features; "
-                             f"extract them again with --linear --save_features")
+    require(isinstance(features, dict) and keys <= set(features),
+            f"{path} is not a features file written by --save_features")
+    require(not need_probe or "train_probe" in features,
+            f"{path} was saved without --linear, so it holds no probe features; extract them "
+            f"again with --linear --save_features")
     return features
 
 
-def peak_memory_mb():
-    """The process's peak resident memory (getrusage's maxrss: kB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10
-
-
 def main(argv=None, log=print):
-    import dino
     args = build_parser().parse_args(argv)
     validate(args)
-    device = dino.resolve_device(args.device)
+    device = data.resolve_device(args.device)
     started = time.time()
     if args.load_features:
         features = read_features(args.load_features, args.linear)
@@ -534,12 +411,9 @@ def main(argv=None, log=print):
             f"({features['train_probe'].shape[1]}-d), {args.epochs} epochs, "
             f"SGD lr {args.lr} at batch 256: top-1 {top1:.2f}  top-5 {top5:.2f}")
 
-    gpu = (f", GPU peak {torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f} MB"
-           if device.type == "cuda" else "")
     log(f"time: features {t_features:.1f} s, k-NN {t_knn:.1f} s"
         + (f", linear probe {t_probe:.1f} s" if args.linear else "")
-        + f", total {time.time() - started:.1f} s on {device} | peak memory {peak_memory_mb():.0f} MB "
-          f"(max RSS){gpu}")
+        + f", total {time.time() - started:.1f} s on {device} | {data.peak_memory(device)}")
     if args.linear:
         log(f"linear top1={top1:.2f}")
     k = 20 if 20 in args.k else args.k[0]
@@ -548,8 +422,7 @@ def main(argv=None, log=print):
 
 
 if __name__ == "__main__":
-    import dino
     try:
         sys.exit(main())
-    except dino.DinoError as e:
+    except DinoError as e:
         sys.exit(f"error: {e}")

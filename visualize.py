@@ -17,7 +17,6 @@ Run:  python visualize.py attention --checkpoint runs/shapes/checkpoint.pth   (b
 """
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -29,92 +28,16 @@ from einops import rearrange
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+import data
 import dino
 import vit
+from data import DinoError, require
 
 DEFAULT_OUT = Path("runs") / "figures"  # for figures that come from no checkpoint (ignored by git)
 
 
 # ------------------------------------------------------------------------------------------------
-# 1. Loading a ViT backbone: this project's checkpoints and the authors' released weights.
-# ------------------------------------------------------------------------------------------------
-
-def vit_state_dict(obj, source: str) -> dict:
-    """The backbone's state dict out of any of the layouts DINO checkpoints come in.
-
-    Accepted: a plain backbone dict (the authors' `dino_*_pretrain.pth`), or a full checkpoint
-    with `teacher` / `student` dicts whose keys carry `module.` (DDP) and `backbone.` / `head.`
-    prefixes (the authors' training checkpoints and this project's). The teacher is preferred:
-    it is the network the paper evaluates and draws.
-    """
-    if isinstance(obj, dict):
-        for key in ("teacher", "student"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict):
-        raise dino.DinoError(f"{source} holds a {type(obj).__name__}, not a state dict of a ViT")
-    state = {}
-    for key, value in obj.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        key = key.removeprefix("module.").removeprefix("backbone.")
-        if not key.startswith("head."):  # the projection head is not part of the backbone
-            state[key] = value
-    needed = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight")
-    missing = [k for k in needed if k not in state]
-    if missing:
-        found = ", ".join(list(obj)[:4]) or "none"
-        raise dino.DinoError(f"{source} holds no ViT backbone (no {', '.join(missing)}; its first "
-                             f"keys are {found})")
-    return state
-
-
-def vit_from_state_dict(state: dict, source: str, num_heads: int | None = None) -> vit.VisionTransformer:
-    """Build the ViT whose sizes the weights have, and load them (strict).
-
-    The weights do not show the number of heads (qkv is (3D, D) for any split), so it comes from
-    vit.ARCHS by width, or from num_heads for a width not (or no longer) there.
-    """
-    width = state["cls_token"].shape[-1]  # cls_token: (1, 1, D)
-    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    patch = state["patch_embed.proj.weight"].shape[-1]  # (D, 3, p, p)
-    heads = num_heads or {dim: h for dim, _, h in vit.ARCHS.values()}.get(width)
-    if heads is None:
-        raise dino.DinoError(f"{source}: a ViT of width {width} is none of "
-                             f"{', '.join(f'{a} ({d})' for a, (d, _, _) in vit.ARCHS.items())}; "
-                             f"give --num_heads")
-    if width % heads:
-        raise dino.DinoError(f"{source}: width {width} does not split into {heads} heads")
-    mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / width
-    side = math.isqrt(state["pos_embed"].shape[1] - 1)  # pos_embed: (1, 1 + side², D)
-    model = vit.VisionTransformer(img_size=side * patch, patch_size=patch, embed_dim=width,
-                                  depth=depth, num_heads=heads, mlp_ratio=mlp_ratio)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        detail = (str(e).splitlines()[1:] or [str(e)])[0].strip()  # the first missing/extra key
-        raise dino.DinoError(f"{source} does not fit a ViT of width {width}, depth {depth}, patch "
-                             f"{patch}: {detail}") from None
-    return model.eval()
-
-
-def load_backbone(path, num_heads: int | None = None) -> vit.VisionTransformer:
-    """A ViT backbone from a checkpoint of dino.py or from the authors' released weights."""
-    path = Path(path)
-    if not path.is_file():
-        raise dino.DinoError(f"checkpoint {path} does not exist")
-    source = str(path)
-    return vit_from_state_dict(vit_state_dict(dino.load_checkpoint(path), source), source, num_heads)
-
-
-def training_size(backbone: vit.VisionTransformer) -> int:
-    """Side in px of the images the position embedding was made for (global crop size)."""
-    return math.isqrt(backbone.pos_embed.shape[1] - 1) * backbone.patch_size
-
-
-# ------------------------------------------------------------------------------------------------
-# 2. Images: user files or built-in samples, cut to a multiple of the patch size.
+# 1. Images: user files or built-in samples, cut to a multiple of the patch size.
 # ------------------------------------------------------------------------------------------------
 
 def read_image(path) -> torch.Tensor:
@@ -122,17 +45,17 @@ def read_image(path) -> torch.Tensor:
     from torchvision.transforms.v2.functional import pil_to_tensor
     path = Path(path)
     if not path.is_file():
-        raise dino.DinoError(f"image {path} does not exist or is not a file")
-    image = dino.read_rgb(path)
+        raise DinoError(f"image {path} does not exist or is not a file")
+    image = data.read_rgb(path)
     if image is None:
-        raise dino.DinoError(f"image {path} could not be read (not an image, or damaged)")
+        raise DinoError(f"image {path} could not be read (not an image, or damaged)")
     return pil_to_tensor(image)
 
 
 def sample_images(n: int, size: int) -> list[torch.Tensor]:
     """n held-out images of the built-in shapes set (the evaluation seed), drawn at size px."""
     n_drawn = max(n, 8)  # image i depends on make_shapes' n: the first 8 are the same for n ≤ 8
-    return list(dino.make_shapes(n_drawn, seed=1, size=size).images[:n])
+    return list(data.make_shapes(n_drawn, seed=1, size=size).images[:n])
 
 
 def fit_to_patches(image: torch.Tensor, patch: int, size: int | None = None) -> torch.Tensor:
@@ -147,7 +70,7 @@ def fit_to_patches(image: torch.Tensor, patch: int, size: int | None = None) -> 
     H, W = x.shape[-2:]
     h, w = H // patch * patch, W // patch * patch
     if h == 0 or w == 0:
-        raise dino.DinoError(f"an image of {H}x{W} px is smaller than one {patch} px patch")
+        raise DinoError(f"an image of {H}x{W} px is smaller than one {patch} px patch")
     top, left = (H - h) // 2, (W - w) // 2
     return x[:, top:top + h, left:left + w]
 
@@ -170,14 +93,14 @@ def save(fig: Figure, path) -> Figure:
 
 
 # ------------------------------------------------------------------------------------------------
-# 3. Self-attention maps (paper Figures 1 and 3).
+# 2. Self-attention maps (paper Figures 1 and 3).
 # ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def cls_attention(backbone: vit.VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     """Last block's attention of [CLS] to every token, (heads, N), for one image x (3, H, W) in
     [0, 1]. Each row is a softmax over all N = 1 + patches tokens, so it sums to 1."""
-    attn = backbone.get_last_selfattention(dino.normalize(x[None]))  # (1, heads, N, N)
+    attn = backbone.get_last_selfattention(data.normalize(x[None]))  # (1, heads, N, N)
     return attn[0, :, 0, :]  # (heads, N): the [CLS] query's row
 
 
@@ -216,7 +139,7 @@ def attention_figure(backbone: vit.VisionTransformer, image: torch.Tensor, share
     image: (3, H, W) uint8 of any size; `size` px on its shorter side (None: the training size).
     """
     p = backbone.patch_size
-    x = fit_to_patches(image, p, size or training_size(backbone))
+    x = fit_to_patches(image, p, size or backbone.img_size)
     maps = attention_maps(backbone, x)  # (heads, gh, gw)
     maps = torch.cat([maps, maps.mean(0, keepdim=True)])  # (heads + 1, gh, gw): the mean last
     masks = rearrange(attention_mask(rearrange(maps, "m gh gw -> m (gh gw)"), share),
@@ -239,14 +162,14 @@ def attention_figure(backbone: vit.VisionTransformer, image: torch.Tensor, share
 
 
 # ------------------------------------------------------------------------------------------------
-# 4. PCA of patch features: the first three components as RGB.
+# 3. PCA of patch features: the first three components as RGB.
 # ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def patch_features(backbone: vit.VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     """Last block's normed patch tokens of one image x (3, H, W) in [0, 1], (H/p, W/p, D)."""
     p = backbone.patch_size
-    tokens = backbone.get_intermediate_layers(dino.normalize(x[None]), n=1)[0]  # (1, N, D)
+    tokens = backbone.get_intermediate_layers(data.normalize(x[None]), n=1)[0]  # (1, N, D)
     return rearrange(tokens[0, 1:], "(gh gw) d -> gh gw d", gh=x.shape[-2] // p, gw=x.shape[-1] // p)
 
 
@@ -273,7 +196,7 @@ def pca_figure(backbone: vit.VisionTransformer, images: list[torch.Tensor], size
                path=None) -> Figure:
     """Top row: the images; bottom row: their patch features' first 3 principal components as RGB."""
     p = backbone.patch_size
-    xs = [fit_to_patches(im, p, size or training_size(backbone)) for im in images]
+    xs = [fit_to_patches(im, p, size or backbone.img_size) for im in images]
     rgb = pca_rgb([patch_features(backbone, x) for x in xs])
     fig = Figure(figsize=(1.6 * len(xs), 3.6), dpi=100, layout="constrained")
     axes = fig.subplots(2, len(xs), squeeze=False)
@@ -286,22 +209,22 @@ def pca_figure(backbone: vit.VisionTransformer, images: list[torch.Tensor], size
 
 
 # ------------------------------------------------------------------------------------------------
-# 5. Training curves from log.jsonl (paper Figure 7 for one run).
+# 4. Training curves from log.jsonl (paper Figure 7 for one run).
 # ------------------------------------------------------------------------------------------------
 
 def read_log(run_dir) -> list[dict]:
     path = Path(run_dir) / "log.jsonl"
     if not path.is_file():
-        raise dino.DinoError(f"{path} does not exist; --run takes the --output_dir of a dino.py run")
+        raise DinoError(f"{path} does not exist; --run takes the --output_dir of a dino.py run")
     records = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
-                raise dino.DinoError(f"{path}, line {i}, is not JSON") from None
+                raise DinoError(f"{path}, line {i}, is not JSON") from None
     if not records:
-        raise dino.DinoError(f"{path} is empty: no epoch has finished yet")
+        raise DinoError(f"{path} is empty: no epoch has finished yet")
     return records
 
 
@@ -350,36 +273,29 @@ def curves_figure(records: list[dict], title: str = "", path=None) -> Figure:
 
 
 # ------------------------------------------------------------------------------------------------
-# 6. Multi-crop views: the augmentation pipeline made visible.
+# 5. Multi-crop views: the augmentation pipeline made visible.
 # ------------------------------------------------------------------------------------------------
 
-def unnormalize(x: torch.Tensor) -> torch.Tensor:
-    """Undo dino.normalize: x · std + mean, (n, 3, S, S) back to [0, 1]."""
-    mean = torch.tensor(dino.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(dino.IMAGENET_STD).view(1, 3, 1, 1)
-    return (x * std + mean).clamp(0, 1)
-
-
-def make_views(data: dino.ImageSet, index: int, cfg: dino.Config, seed: int = 0) -> tuple:
+def make_views(images: data.ImageSet, index: int, cfg: dino.Config, seed: int = 0) -> tuple:
     """(original (3, H, W) uint8, views [(3, S, S) in [0, 1]]) of one image, as training makes them."""
     generator = torch.Generator().manual_seed(seed)
     names = dino.view_names(cfg.local_crops_number)
-    if data.images is not None:
-        original = data.images[index]
+    if images.images is not None:
+        original = images.images[index]
         views = dino.multicrop(original[None], cfg, generator)  # list of (1, 3, S, S), normalised
     else:
-        # item (position, index): the crops are seeded by the position, here the seed
-        crops, bad = dino.FolderMultiCrop(data, cfg, epoch=0)[(seed, index)]
-        if bad:
-            raise dino.DinoError(f"image {bad[0]} could not be read (not an image, or damaged)")
-        original = read_image(data.files[index])
+        # the crops of item (position, index) are seeded by (seed, epoch, position)
+        crops, unreadable = data.FolderMultiCrop(images, dino.per_image_crops(cfg), seed, 0)[(0, index)]
+        require(not unreadable, f"image {unreadable[0] if unreadable else ''} could not be read "
+                                f"(not an image, or damaged)")
+        original = read_image(images.files[index])
         views = []
         for name, c in zip(names, crops):
             size = c.shape[-1]
             p = dino.sample_view_params(1, size, size, size, (1.0, 1.0), dino.VIEW_SPECS[name], generator)
             v = torch.where(p["flip"].view(-1, 1, 1, 1), c[None].flip(-1), c[None]).float() / 255
-            views.append(dino.normalize(dino.photometric(v, p)))
-    return original, [unnormalize(v)[0] for v in views]
+            views.append(data.normalize(data.photometric(v, p, dino.max_blur_sigma(size))))
+    return original, [data.unnormalize(v)[0] for v in views]
 
 
 def views_figure(original: torch.Tensor, views: list[torch.Tensor], path=None) -> Figure:
@@ -411,30 +327,28 @@ def views_figure(original: torch.Tensor, views: list[torch.Tensor], path=None) -
 
 
 def config_from_checkpoint(path) -> dino.Config:
-    """The Config a dino.py run was trained with (JSON turned its tuples into lists)."""
-    ck = dino.load_checkpoint(Path(path))
-    if not isinstance(ck, dict) or not isinstance(ck.get("config"), dict):
-        raise dino.DinoError(f"{path} is not a checkpoint of dino.py (it has no config)")
-    fields = {f.name: f.default for f in dataclasses.fields(dino.Config)}
-    return dino.Config(**{k: tuple(v) if isinstance(fields[k], tuple) else v
-                          for k, v in ck["config"].items() if k in fields})
+    """The Config a dino.py run was trained with."""
+    ck = data.load_checkpoint(Path(path))
+    require(isinstance(ck, dict) and isinstance(ck.get("config"), dict),
+            f"{path} is not a checkpoint of dino.py (it has no config)")
+    return dino.config_from_dict(ck["config"])
 
 
 # ------------------------------------------------------------------------------------------------
-# 7. Command line.
+# 6. Command line.
 # ------------------------------------------------------------------------------------------------
 
 def model_and_out(args):
     """The backbone asked for, and the output folder: --out, else next to the weights."""
     path = args.checkpoint or args.pretrained
     if path is None:
-        raise dino.DinoError("give --checkpoint (a dino.py checkpoint) or --pretrained (ViT weights)")
-    return load_backbone(path, args.num_heads), Path(args.out) if args.out else Path(path).parent
+        raise DinoError("give --checkpoint (a dino.py checkpoint) or --pretrained (ViT weights)")
+    return vit.load_backbone(path, num_heads=args.num_heads), Path(args.out) if args.out else Path(path).parent
 
 
 def run_attention(args):
     backbone, out = model_and_out(args)
-    size = args.image_size or training_size(backbone)
+    size = args.image_size or backbone.img_size
     if args.image:
         images = [(Path(f).stem, read_image(f)) for f in args.image]
     else:
@@ -449,7 +363,7 @@ def run_attention(args):
 
 def run_pca(args):
     backbone, out = model_and_out(args)
-    size = args.image_size or training_size(backbone)
+    size = args.image_size or backbone.img_size
     images = [read_image(f) for f in args.image] if args.image else sample_images(args.samples, size)
     path = out / "pca.png"
     pca_figure(backbone, images, size, path=path)
@@ -465,27 +379,26 @@ def run_curves(args):
 def run_views(args):
     if args.image:
         read_image(args.image)  # a one-line error for a missing or unreadable file
-        name, data = "image", dino.ImageSet(labels=torch.zeros(1, dtype=torch.long),
+        name, images = "image", data.ImageSet(labels=torch.zeros(1, dtype=torch.long),
                                             classes=["image"], files=[args.image])
     elif args.data:
-        name, data, _ = dino.load_data(args.data)
+        name, images, _ = data.load_data(args.data)
     else:
-        name, data = "shapes", in_memory(sample_images(1, 32)[0])
-    if not 0 <= args.index < len(data):
-        raise dino.DinoError(f"--index {args.index} is outside the {len(data)} images")
+        name, images = "shapes", in_memory(sample_images(1, 32)[0])
+    require(0 <= args.index < len(images), f"--index {args.index} is outside the {len(images)} images")
     if args.checkpoint:
         cfg = config_from_checkpoint(args.checkpoint)
     else:
-        cfg = dino.make_config({}, dino.probe_image_size(data), name)
-    original, views = make_views(data, args.index, cfg, args.seed)
+        cfg = dino.make_config({}, data.probe_image_size(images), name)
+    original, views = make_views(images, args.index, cfg, args.seed)
     path = (Path(args.out) if args.out else DEFAULT_OUT) / "views.png"
     views_figure(original, views, path=path)
     return [path]
 
 
-def in_memory(image: torch.Tensor) -> dino.ImageSet:
+def in_memory(image: torch.Tensor) -> data.ImageSet:
     """One (3, H, W) uint8 image as a data set of dino.py."""
-    return dino.ImageSet(labels=torch.zeros(1, dtype=torch.long), classes=["sample"],
+    return data.ImageSet(labels=torch.zeros(1, dtype=torch.long), classes=["sample"],
                          images=image[None])
 
 
@@ -495,8 +408,8 @@ def run_readme_figures(args):
     run = Path(args.run)
     out = Path(args.out) if args.out else Path("assets")
     checkpoint = run / "checkpoint.pth"
-    backbone = load_backbone(checkpoint, args.num_heads)
-    size = training_size(backbone)
+    backbone = vit.load_backbone(checkpoint, num_heads=args.num_heads)
+    size = backbone.img_size
     samples = sample_images(args.samples, size)
     written = [out / "attention.png", out / "pca.png", out / "curves.png", out / "views.png"]
     attention_figure(backbone, samples[0], args.share, size, path=written[0])
@@ -552,14 +465,13 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if "samples" in args and args.samples < 1:
-        raise dino.DinoError(f"--samples must be positive, got {args.samples}")
-    if "share" in args and not 0 < args.share < 1:
-        raise dino.DinoError(f"--share must be between 0 and 1, got {args.share}")
-    if "image_size" in args and args.image_size < 0:
-        raise dino.DinoError(f"--image_size must be positive, got {args.image_size}")
-    if "num_heads" in args and args.num_heads is not None and args.num_heads < 1:
-        raise dino.DinoError(f"--num_heads must be positive, got {args.num_heads}")
+    checks = [("samples", lambda v: v >= 1, "must be at least 1"),
+              ("share", lambda v: 0 < v < 1, "must be between 0 and 1"),
+              ("image_size", lambda v: v >= 0, "must be at least 0"),
+              ("num_heads", lambda v: v is None or v >= 1, "must be at least 1"),
+              ("index", lambda v: v >= 0, "must be at least 0")]
+    for name, ok, rule in checks:
+        require(name not in args or ok(getattr(args, name)), f"--{name} {rule}, got {getattr(args, name, '')}")
     run = {"attention": run_attention, "pca": run_pca, "curves": run_curves, "views": run_views,
            "readme-figures": run_readme_figures}[args.command]
     for path in run(args):
@@ -570,5 +482,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except dino.DinoError as e:
+    except DinoError as e:
         sys.exit(f"error: {e}")

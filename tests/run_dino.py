@@ -17,14 +17,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
+import data  # noqa: E402
 import dino  # noqa: E402
 
 env = lambda name: int(os.environ[name]) if name in os.environ else None  # noqa: E731
 trainers = []
 
 original_init = dino.Trainer.__init__
-original_step = dino.Trainer.train_step
-original_save = dino.save_checkpoint
+original_step = dino.Trainer.step
+original_save = data.save_checkpoint
 original_loss = dino.dino_loss
 
 
@@ -33,13 +34,13 @@ def init(self, *args, **kwargs):
     trainers.append(self)
 
 
-def train_step(self, views, it, epoch):
-    if it == env("DINO_TEST_KILL_AT"):
+def step(self, views, iteration):
+    if iteration == env("DINO_TEST_KILL_AT"):
         os.kill(os.getpid(), signal.SIGKILL)
-    if it == env("DINO_TEST_SIGINT_AT"):
+    if iteration == env("DINO_TEST_SIGINT_AT"):
         os.kill(os.getpid(), signal.SIGINT)
-    self._it = it
-    return original_step(self, views, it, epoch)
+    self._it = iteration
+    return original_step(self, views, iteration)
 
 
 saves = [0]
@@ -68,15 +69,15 @@ def dino_loss(*args, **kwargs):
 
 
 dino.Trainer.__init__ = init
-dino.Trainer.train_step = train_step
-dino.save_checkpoint = save_checkpoint
+dino.Trainer.step = step
+data.save_checkpoint = save_checkpoint
 dino.dino_loss = dino_loss
 
 if __name__ == "__main__":
     rank = int(os.environ.get("RANK", 0))
     try:
         code = dino.main(sys.argv[1:])
-    except dino.DinoError as e:
+    except data.DinoError as e:
         sys.exit(f"error: {e}")
     if os.environ.get("DINO_TEST_DUMP") and trainers:
         t = trainers[-1]

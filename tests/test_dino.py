@@ -3,9 +3,11 @@
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
+import data
 import dino
 
 
@@ -111,29 +113,43 @@ def test_teacher_ema_after_two_steps():
 
 # -- schedules -------------------------------------------------------------------------------------
 
-def test_schedules_first_warmup_end_and_last_values():
-    cfg = dino.Config(epochs=20, warmup_epochs=5, batch_size=512, warmup_teacher_temp_epochs=10)
-    s = dino.schedules(cfg, steps_per_epoch=10)
+def authors_schedule(base, final, epochs, niter_per_ep, warmup_epochs=0, start=0.0):
+    """The authors' utils.cosine_scheduler, written out in numpy from its description: a warm-up
+    np.linspace(start, base, W) over W = warmup_epochs · niter_per_ep iterations (it reaches base
+    at its last one), then final + ½ (base − final)(1 + cos(π i / N)) for i = 0 … N − 1."""
+    W = warmup_epochs * niter_per_ep
+    N = epochs * niter_per_ep - W
+    i = np.arange(N)
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * i / N))
+    return np.concatenate([np.linspace(start, base, W), cosine])
+
+
+@pytest.mark.parametrize("epochs,steps,warmup", [(20, 10, 5), (100, 7, 10), (3, 1, 0), (4, 312, 1)])
+def test_schedules_equal_the_authors_elementwise(epochs, steps, warmup):
+    cfg = dino.Config(epochs=epochs, warmup_epochs=warmup, batch_size=512, warmup_teacher_temp_epochs=2)
+    s = dino.schedules(cfg, steps_per_epoch=steps)
     peak = 0.0005 * 512 / 256  # linear scaling rule
-    assert len(s["lr"]) == 200
-    assert s["lr"][0] == 0.0                                   # warm-up starts at 0
-    assert s["lr"][49] == pytest.approx(peak * 49 / 50)        # linear
-    assert s["lr"][50] == pytest.approx(peak)                  # warm-up end: the peak
-    assert s["lr"][-1] == pytest.approx(1e-6)                  # cosine down to min_lr
-    # cosine part: steps 50 … 199, T = 149; at t = 74.5 it is half-way, so steps 124/125 straddle it
-    half = 1e-6 + 0.5 * (peak - 1e-6)
-    assert s["lr"][124] > half > s["lr"][125]
-    assert (s["lr"][51:] <= s["lr"][50:-1]).all()              # monotone decay after warm-up
-    assert s["wd"][0] == pytest.approx(0.04) and s["wd"][-1] == pytest.approx(0.4)
-    assert s["momentum"][0] == pytest.approx(0.996) and s["momentum"][-1] == pytest.approx(1.0, abs=1e-6)
-    tau = s["teacher_temp"]
-    assert len(tau) == 20 and tau[0] == pytest.approx(0.04) and tau[9] == pytest.approx(0.07)
-    assert tau[-1] == pytest.approx(0.07)
+    oracle = {"lr": authors_schedule(peak, 1e-6, epochs, steps, warmup),
+              "wd": authors_schedule(0.04, 0.4, epochs, steps),
+              "momentum": authors_schedule(0.996, 1.0, epochs, steps)}
+    for name, expected in oracle.items():
+        np.testing.assert_allclose(s[name].numpy(), expected, rtol=1e-7, atol=0, err_msg=name)
+    # τ_t per epoch: np.linspace over its warm-up epochs, then constant
+    tau = np.concatenate([np.linspace(0.04, 0.07, 2), np.full(epochs - 2, 0.07)])[:epochs]
+    np.testing.assert_allclose(s["teacher_temp"].numpy(), tau, rtol=1e-7, atol=0)
+
+
+def test_schedule_landmarks_by_hand():
+    lr = dino.cosine_schedule(1.0, 0.0, epochs=3, steps_per_epoch=2, warmup_epochs=1)
+    # warm-up linspace(0, 1, 2) = 0, 1; then 0.5 (1 + cos(π i / 4)) for i = 0 … 3
+    c = math.cos(math.pi / 4)
+    torch.testing.assert_close(lr, torch.tensor([0.0, 1.0, 1.0, 0.5 * (1 + c), 0.5, 0.5 * (1 - c)],
+                                                dtype=torch.float64))
 
 
 def test_warmup_longer_than_training_is_cut():
     lr = dino.cosine_schedule(1.0, 0.0, epochs=1, steps_per_epoch=4, warmup_epochs=10)
-    torch.testing.assert_close(lr, torch.tensor([0.0, 0.025, 0.05, 0.075], dtype=torch.float64))
+    torch.testing.assert_close(lr, torch.linspace(0, 1, 40, dtype=torch.float64)[:4])
 
 
 def test_teacher_temperature_warmup_longer_than_training():
@@ -159,15 +175,15 @@ def views_for(cfg, n=8, seed=0):
 
 def test_head_weight_norm_stays_one_and_last_layer_freezes():
     cfg = small_cfg(freeze_last_layer=1)
-    shapes = dino.make_shapes(16, seed=3, size=16)
+    shapes = data.make_shapes(16, seed=3, size=16)
     trainer = dino.Trainer(cfg, shapes, None, quiet=True)
     head = trainer.student.head
     v_before = head.last_layer.parametrizations.weight.original1.detach().clone()
     views = views_for(cfg)
-    trainer.train_step(views, it=0, epoch=0)  # epoch 0 < freeze_last_layer: last layer frozen
+    trainer.step(views, 0)  # epoch 0 < freeze_last_layer: last layer frozen
     torch.testing.assert_close(head.last_layer.parametrizations.weight.original1, v_before)
     mlp_before = head.mlp[0].weight.detach().clone()
-    trainer.train_step(views, it=1, epoch=1)
+    trainer.step(views, trainer.steps_per_epoch)  # epoch 1
     assert not torch.equal(head.last_layer.parametrizations.weight.original1, v_before)
     assert not torch.equal(head.mlp[0].weight, mlp_before)
     row_norms = head.last_layer.weight.norm(dim=1)
@@ -218,7 +234,7 @@ def test_multicrop_shapes_and_teacher_sees_globals_only():
 
 def test_crop_boxes_follow_scale_and_ratio():
     g = torch.Generator().manual_seed(0)
-    boxes = dino.sample_crop_boxes(4000, 32, 32, (0.25, 1.0), generator=g)
+    boxes = data.sample_crop_boxes(4000, 32, 32, (0.25, 1.0), generator=g)
     top, left, h, w = boxes.unbind(1)
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 32).all() and (left + w <= 32).all()
     area = h * w / 1024
@@ -231,7 +247,7 @@ def test_crop_of_the_whole_image_is_the_image():
     torch.manual_seed(0)
     x = torch.rand(2, 3, 8, 8)
     boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0]] * 2)
-    out = dino.crop_resize_flip(x, boxes, torch.tensor([False, True]), 8)
+    out = data.crop_resize_flip(x, boxes, torch.tensor([False, True]), 8)
     torch.testing.assert_close(out[0], x[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(out[1], x[1].flip(-1), atol=1e-5, rtol=0)
 
@@ -241,24 +257,24 @@ def test_colour_ops_match_torchvision():
     torch.manual_seed(0)
     x = torch.rand(3, 3, 12, 12)
     f = torch.tensor([0.7, 1.0, 1.3]).view(3, 1, 1, 1)
-    for mine, theirs in [(dino.adjust_brightness, TF.adjust_brightness),
-                         (dino.adjust_contrast, TF.adjust_contrast),
-                         (dino.adjust_saturation, TF.adjust_saturation)]:
+    for mine, theirs in [(data.adjust_brightness, TF.adjust_brightness),
+                         (data.adjust_contrast, TF.adjust_contrast),
+                         (data.adjust_saturation, TF.adjust_saturation)]:
         out = mine(x, f)
         for i in range(3):  # torchvision's luma weighs red 0.2989, PIL and this project 0.299
             torch.testing.assert_close(out[i], theirs(x[i], f[i].item()), atol=1e-4, rtol=0)
     shifts = torch.tensor([-0.1, 0.03, 0.1]).view(3, 1, 1, 1)
-    out = dino.adjust_hue(x, shifts)
+    out = data.adjust_hue(x, shifts)
     for i in range(3):
         torch.testing.assert_close(out[i], TF.adjust_hue(x[i], shifts[i].item()), atol=1e-4, rtol=0)
-    torch.testing.assert_close(dino.grayscale(x)[0, 0], TF.rgb_to_grayscale(x[0])[0], atol=1e-3, rtol=0)
+    torch.testing.assert_close(data.grayscale(x)[0, 0], TF.rgb_to_grayscale(x[0])[0], atol=1e-3, rtol=0)
 
 
 def test_blur_matches_a_direct_convolution():
     torch.manual_seed(0)
     x = torch.rand(2, 3, 10, 10)
     sigma = torch.tensor([0.5, 1.5])
-    out = dino.gaussian_blur(x, sigma, 1.5)
+    out = data.gaussian_blur(x, sigma, 1.5)
     for i in range(2):
         r = 5  # ceil(3 · 1.5)
         k = torch.exp(-torch.arange(-r, r + 1.0) ** 2 / (2 * sigma[i] ** 2))
@@ -271,18 +287,18 @@ def test_blur_matches_a_direct_convolution():
 # -- data --------------------------------------------------------------------------------------------
 
 def test_shapes_are_deterministic_and_balanced():
-    a, b = dino.make_shapes(400, seed=5), dino.make_shapes(400, seed=5)
+    a, b = data.make_shapes(400, seed=5), data.make_shapes(400, seed=5)
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     assert a.images.dtype == torch.uint8 and a.images.shape == (400, 3, 32, 32)
     counts = torch.bincount(a.labels, minlength=8)
     assert counts.min() > 25  # 50 expected per class
-    assert not torch.equal(dino.make_shapes(400, seed=6).images, a.images)
+    assert not torch.equal(data.make_shapes(400, seed=6).images, a.images)
 
 
 def test_shapes_are_gray_and_their_brightness_hides_the_class():
     """Every image is gray (R = G = B), and the mean brightness varies far more within a class
     than between the class means: that one-number shortcut does not predict the class."""
-    d = dino.make_shapes(800, seed=2)
+    d = data.make_shapes(800, seed=2)
     x = d.images.float()
     assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])
     mean = x[:, 0].mean((1, 2))

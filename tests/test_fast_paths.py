@@ -1,12 +1,14 @@
 """The fast paths a GPU run takes (no host-device sync in a step, bf16 autocast, fused AdamW,
 torch.compile), checked on the CPU: each is the code a CUDA run executes, or its CPU twin."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from einops import rearrange
 
+import data
 import dino
 
 
@@ -15,16 +17,16 @@ def tiny(**changes):
                       local_crops_number=2, out_dim=16, hidden_dim=16, bottleneck_dim=8,
                       batch_size=4, epochs=2, warmup_epochs=0, drop_path_rate=0.1,
                       freeze_last_layer=0, device="cpu", output_dir="unused")
-    cfg = dino.dataclasses.replace(cfg, **changes)
+    cfg = dataclasses.replace(cfg, **changes)
     x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8,
                       generator=torch.Generator().manual_seed(0))
-    data = dino.ImageSet(labels=torch.zeros(8, dtype=torch.long), classes=["a"], images=x)
-    return cfg, data
+    shapes = data.ImageSet(labels=torch.zeros(8, dtype=torch.long), classes=["a"], images=x)
+    return cfg, shapes
 
 
-def trainer_for(cfg, data):
+def trainer_for(cfg, shapes):
     torch.manual_seed(0)
-    return dino.Trainer(cfg, data, None, quiet=True)
+    return dino.Trainer(cfg, shapes, None, quiet=True)
 
 
 def test_a_step_reads_nothing_back_from_the_device(monkeypatch):
@@ -33,12 +35,12 @@ def test_a_step_reads_nothing_back_from_the_device(monkeypatch):
     neither: the only host reads allowed are of the schedules, which are precomputed on the host.
     Checked by making every such read raise; the augmentation runs in its GPU mode (every
     operation on every image, then select), which is what CUDA tensors get."""
-    cfg, data = tiny()
-    trainer = trainer_for(cfg, data)
+    cfg, shapes = tiny()
+    trainer = trainer_for(cfg, shapes)
     allowed = {t.untyped_storage().data_ptr() for t in trainer.schedule.values()}
-    computing_all = dino.where_images
-    monkeypatch.setattr(dino, "where_images",
-                        lambda *args, **kw: computing_all(*args, **{**kw, "select": True}))
+    computing_all = data.where_images
+    monkeypatch.setattr(data, "where_images",
+                        lambda *args, **kw: computing_all(*args, **{**kw, "every_image": True}))
     reads = []
 
     def forbid(name, original):
@@ -54,8 +56,8 @@ def test_a_step_reads_nothing_back_from_the_device(monkeypatch):
         raise AssertionError("a tensor made from host data inside the step")
 
     def step(it):
-        views = dino.multicrop(data.images[:4], cfg, dino.step_generator(cfg.seed, 0, it, "cpu"))
-        return trainer.train_step(views, it, 0)
+        views = dino.multicrop(shapes.images[:4], cfg, dino.step_generator(cfg.seed, 0, it, "cpu"))
+        return trainer.step(views, it)
 
     step(0)  # the first step makes the constants (normalisation) and the optimizer's state once
     with monkeypatch.context() as m:
@@ -82,11 +84,11 @@ def test_fused_adamw_makes_the_textbook_first_step():
     bias-corrected moments are m̂ = g and v̂ = g², so
     θ ← θ (1 − lr · wd) − lr · g / (|g| + ε), with wd = 0 for biases and 1-D parameters and lr, wd
     the schedules' values at step 0."""
-    cfg, data = tiny(weight_decay=0.3, lr=0.05)
-    trainer = trainer_for(cfg, data)
+    cfg, shapes = tiny(weight_decay=0.3, lr=0.05)
+    trainer = trainer_for(cfg, shapes)
     before = {n: p.detach().clone() for n, p in trainer.student.named_parameters()}
-    views = dino.multicrop(data.images[:4], cfg, dino.step_generator(0, 0, 0, "cpu"))
-    trainer.train_step(views, 0, 0)
+    views = dino.multicrop(shapes.images[:4], cfg, dino.step_generator(0, 0, 0, "cpu"))
+    trainer.step(views, 0)
     lr, wd = float(trainer.schedule["lr"][0]), float(trainer.schedule["wd"][0])
     assert lr == pytest.approx(0.05 * 4 / 256) and wd == pytest.approx(0.3)
     eps = trainer.optimizer.defaults["eps"]
@@ -106,14 +108,14 @@ def test_fused_adamw_makes_the_textbook_first_step():
 def test_bf16_autocast_runs_the_networks_in_bf16_and_the_loss_in_fp32():
     """--precision bf16 (the CUDA default): the networks' matrix products run in bf16, the loss,
     the weights and the center stay fp32, and the loss is the fp32 loss within bf16's precision."""
-    cfg, data = tiny(drop_path_rate=0.0)
-    views = dino.multicrop(data.images[:4], cfg, dino.step_generator(0, 0, 0, "cpu"))
+    cfg, shapes = tiny(drop_path_rate=0.0)
+    views = dino.multicrop(shapes.images[:4], cfg, dino.step_generator(0, 0, 0, "cpu"))
     results = {}
     for precision in ("fp32", "bf16"):
-        trainer = trainer_for(dino.dataclasses.replace(cfg, precision=precision), data)
+        trainer = trainer_for(dataclasses.replace(cfg, precision=precision), shapes)
         seen = []
         trainer.student.head.last_layer.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
-        loss, stats = trainer.train_step(views, 0, 0)
+        loss, stats = trainer.step(views, 0)
         results[precision] = loss.item()
         assert seen == [torch.bfloat16 if precision == "bf16" else torch.float32]
         assert loss.dtype == stats["teacher_entropy"].dtype == torch.float32
@@ -125,12 +127,12 @@ def test_bf16_autocast_runs_the_networks_in_bf16_and_the_loss_in_fp32():
 
 def test_compile_matches_eager():
     """--compile runs the same networks through torch.compile: the same loss and update."""
-    cfg, data = tiny(local_crops_number=0, drop_path_rate=0.0)
-    views = dino.multicrop(data.images[:4], cfg, dino.step_generator(0, 0, 0, "cpu"))
+    cfg, shapes = tiny(local_crops_number=0, drop_path_rate=0.0)
+    views = dino.multicrop(shapes.images[:4], cfg, dino.step_generator(0, 0, 0, "cpu"))
     results = []
     for compile in (False, True):
-        trainer = trainer_for(dino.dataclasses.replace(cfg, compile=compile), data)
-        loss, _ = trainer.train_step(views, 0, 0)
+        trainer = trainer_for(dataclasses.replace(cfg, compile=compile), shapes)
+        loss, _ = trainer.step(views, 0)
         results.append((loss.item(), trainer.student.state_dict()))
     (eager_loss, eager), (compiled_loss, compiled) = results
     assert compiled_loss == pytest.approx(eager_loss, abs=1e-5)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import dino
 import knn_eval
 import vit
@@ -61,14 +62,14 @@ def test_weighted_vote_overrules_the_majority_by_hand():
     labels = torch.tensor([0, 1, 1, 0])
     query = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
     # by hand with T = 0.5: score(0) = e^{1/0.5} = e² ≈ 7.389, score(1) = 2 e^{0.5/0.5} = 2e ≈ 5.437
-    scores = knn_eval.knn_scores(train, labels, query, k=3, T=0.5)
+    scores = knn_eval.knn_scores(train, labels, query, k=3, temperature=0.5)
     torch.testing.assert_close(scores, torch.tensor([[math.e ** 2, 2 * math.e]], dtype=torch.float64))
     majority = torch.mode(labels[:3]).values.item()
     assert majority == 1 and scores.argmax().item() == 0
-    assert knn_eval.knn_accuracy(train, labels, query, torch.tensor([0]), k=3, T=0.5) == (100.0, 100.0)
-    assert knn_eval.knn_accuracy(train, labels, query, torch.tensor([1]), k=3, T=0.5)[0] == 0.0
+    assert knn_eval.knn_accuracy(train, labels, query, torch.tensor([0]), k=3, temperature=0.5) == (100.0, 100.0)
+    assert knn_eval.knn_accuracy(train, labels, query, torch.tensor([1]), k=3, temperature=0.5)[0] == 0.0
     # k = 4 adds the opposite point: e^{-1/0.5} = e^{-2} to class 0
-    scores = knn_eval.knn_scores(train, labels, query, k=4, T=0.5)
+    scores = knn_eval.knn_scores(train, labels, query, k=4, temperature=0.5)
     torch.testing.assert_close(scores, torch.tensor([[math.e ** 2 + math.e ** -2, 2 * math.e]],
                                                     dtype=torch.float64))
 
@@ -79,19 +80,19 @@ def test_knn_equals_a_brute_force_loop(k, T):
     train, train_y = random_features(60, 6, 7, seed=0)
     test, test_y = random_features(25, 6, 7, seed=1)
     expected = brute_force_knn(train, train_y, test, k, T, 7)
-    scores = knn_eval.knn_scores(train, train_y, test, k=k, T=T, num_classes=7)
+    scores = knn_eval.knn_scores(train, train_y, test, k=k, temperature=T, num_classes=7)
     torch.testing.assert_close(scores, torch.tensor(expected, dtype=torch.float64))
-    top1, top5 = knn_eval.knn_accuracy(train, train_y, test, test_y, k=k, T=T, num_classes=7)
+    top1, top5 = knn_eval.knn_accuracy(train, train_y, test, test_y, k=k, temperature=T, num_classes=7)
     assert (top1, top5) == pytest.approx(brute_force_accuracy(expected, test_y))
 
 
 def test_seven_test_images_three_classes_any_chunking():
     train, train_y = random_features(20, 4, 3, seed=2)
     test, test_y = random_features(7, 4, 3, seed=3)
-    whole = knn_eval.knn_scores(train, train_y, test, k=5, T=0.07, num_classes=3, chunk_size=1024)
+    whole = knn_eval.knn_scores(train, train_y, test, k=5, temperature=0.07, num_classes=3, chunk_size=1024)
     for chunk in (1, 2, 3, 7):  # 3 leaves a remainder chunk of one image
         # the same neighbours and votes; BLAS may round a 1-row product differently in the last bit
-        chunked = knn_eval.knn_scores(train, train_y, test, k=5, T=0.07, num_classes=3, chunk_size=chunk)
+        chunked = knn_eval.knn_scores(train, train_y, test, k=5, temperature=0.07, num_classes=3, chunk_size=chunk)
         torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=0)
         assert knn_eval.knn_accuracy(train, train_y, test, test_y, k=5, num_classes=3, chunk_size=chunk) \
             == knn_eval.knn_accuracy(train, train_y, test, test_y, k=5, num_classes=3)
@@ -152,9 +153,9 @@ def test_probe_features_hold_the_knn_feature_and_the_last_blocks():
 
 
 def test_raw_pixel_features_by_hand():
-    train, test = dino.make_shapes(40, seed=0), dino.make_shapes(9, seed=1)
+    train, test = data.make_shapes(40, seed=0), data.make_shapes(9, seed=1)
     train_f, train_y, test_f, test_y = knn_eval.raw_pixel_features(
-        dino.eval_batches(train, 32, batch_size=16), dino.eval_batches(test, 32, batch_size=16))
+        data.eval_batches(train, 32, batch_size=16), data.eval_batches(test, 32, batch_size=16))
     x_train = train.images.reshape(40, -1).double() / 255  # (N, 3·32·32)
     x_test = test.images.reshape(9, -1).double() / 255
     mu = x_train.mean(0)
@@ -184,47 +185,6 @@ def test_linear_probe_separates_linearly_separable_features():
     assert knn_eval.probe_accuracy(untrained, test_x, test_y)[0] < 60  # the training did the work
 
 
-# -- loading weights -------------------------------------------------------------------------------
-
-def test_pretrained_weights_in_the_authors_formats(tmp_path):
-    torch.manual_seed(0)
-    state = vit.vit_small(patch_size=16).state_dict()
-    full = {"teacher": {"backbone." + k: v for k, v in state.items()},
-            "student": {"module.backbone." + k: v + 1 for k, v in state.items()}}
-    torch.save(full, tmp_path / "full.pth")
-    torch.save(state, tmp_path / "plain.pth")
-    for name, weights, shift in [("full.pth", "student", 1), ("plain.pth", "teacher", 0)]:
-        model, arch, size = knn_eval.load_pretrained(tmp_path / name, weights)
-        detected = (arch, model.patch_size, size, len(model.blocks), model.num_heads)
-        assert detected == ("vit_small", 16, 224, 12, 6)
-        for k, v in model.state_dict().items():
-            assert torch.equal(v, state[k] + shift), k
-
-
-def test_pretrained_tiny_vit_of_unusual_depth_gives_the_same_features(tmp_path):
-    torch.manual_seed(0)
-    original = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4).eval()
-    weights = {"backbone." + k: v for k, v in original.state_dict().items()}
-    weights["head.mlp.0.weight"] = torch.zeros(4, 64)  # the projection head is dropped
-    torch.save({"teacher": weights, "student": {}}, tmp_path / "w.pth")
-    model, arch, size = knn_eval.load_pretrained(tmp_path / "w.pth", "teacher")
-    assert (arch, model.patch_size, size) == ("vit_nano (depth 2)", 8, 32)
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(model.eval()(x), original(x))
-
-
-def test_checkpoint_whose_weights_do_not_fit_its_config(tmp_path):
-    cfg = dino.make_config(dict(out_dim=16, hidden_dim=16, bottleneck_dim=8), 32, "shapes")
-    student, teacher = dino.build_networks(cfg, "cpu")
-    config = dino.config_to_dict(cfg)
-    config["arch"] = "vit_tiny"
-    torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(), "config": config},
-               tmp_path / "c.pth")
-    with pytest.raises(dino.DinoError, match="do not fit its config's vit_tiny/4"):
-        knn_eval.load_dino_checkpoint(tmp_path / "c.pth")
-
-
 # -- command line ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -232,7 +192,7 @@ def image_folder(tmp_path_factory):
     """A small image-folder data set: 3 classes, 8 training and 7 validation images of 32 px."""
     from PIL import Image
     root = tmp_path_factory.mktemp("images")
-    shapes = dino.make_shapes(200, seed=0)
+    shapes = data.make_shapes(200, seed=0)
     for split, per_class, offset in (("train", [3, 3, 2], 0), ("val", [3, 2, 2], 100)):
         for c, n in enumerate(per_class):
             (root / split / f"class{c}").mkdir(parents=True)
@@ -266,11 +226,11 @@ def run_main(*args):
 
 def test_command_line_on_a_checkpoint_matches_the_functions(image_folder, checkpoint, tmp_path):
     path, student, teacher = checkpoint
-    _, train, evaluation = dino.load_data(str(image_folder))
+    _, train, evaluation = data.load_data(str(image_folder))
     for weights, model in (("teacher", teacher), ("student", student)):
         backbone = model.backbone.eval()
-        train_f, train_y = knn_eval.extract_features(backbone, dino.eval_batches(train, 32), "cpu")
-        test_f, test_y = knn_eval.extract_features(backbone, dino.eval_batches(evaluation, 32), "cpu")
+        train_f, train_y = knn_eval.extract_features(backbone, data.eval_batches(train, 32), "cpu")
+        test_f, test_y = knn_eval.extract_features(backbone, data.eval_batches(evaluation, 32), "cpu")
         expected = knn_eval.knn_accuracy(train_f, train_y, test_f, test_y, k=3, num_classes=3)
         lines = run_main("--checkpoint", path, "--data", image_folder, "--weights", weights,
                          "--device", "cpu", "--k", "3", "1", "--save_features", tmp_path / f"{weights}.pth")
@@ -282,11 +242,11 @@ def test_command_line_on_a_checkpoint_matches_the_functions(image_folder, checkp
     # a sweep over k and T from the saved features, with no data and no network
     saved = torch.load(tmp_path / "teacher.pth", weights_only=True)
     expected = knn_eval.knn_accuracy(saved["train_features"], saved["train_labels"],
-                                     saved["test_features"], saved["test_labels"], k=20, T=0.5, num_classes=3)
+                                     saved["test_features"], saved["test_labels"], k=20, temperature=0.5, num_classes=3)
     lines = run_main("--load_features", tmp_path / "teacher.pth", "--k", "5", "20", "--temperature", "0.5",
                      "--device", "cpu")
     assert lines[-1] == f"knn top1@20={expected[0]:.2f}"
-    with pytest.raises(dino.DinoError, match="without --linear"):
+    with pytest.raises(data.DinoError, match="without --linear"):
         run_main("--load_features", tmp_path / "teacher.pth", "--linear")
 
 
@@ -316,7 +276,7 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     (tmp_path / "no_val" / "train" / "cat" / "0.png").write_bytes(b"an image")
     cases = [(["--checkpoint", tmp_path / "other.pth"], "is not a DINO checkpoint"),
              (["--checkpoint", tmp_path / "random.pth"], "is not a PyTorch checkpoint"),
-             (["--pretrained", tmp_path / "resnet50.pth"], "holds no ViT weights"),
+             (["--pretrained", tmp_path / "resnet50.pth"], "holds no ViT backbone"),
              (["--raw_pixels", "--data", tmp_path / "no_val"], "has no evaluation split")]
     for args, message in cases:
         result = run_cli(*args)

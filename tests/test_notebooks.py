@@ -7,7 +7,6 @@ steps) in DINO_NOTEBOOK_RESULTS; the signature test checks them. Thresholds hold
 """
 
 import json
-import os
 from pathlib import Path
 
 import nbclient
@@ -39,15 +38,26 @@ def executed(tmp_path_factory):
     return run
 
 
-def figures(nb):
-    return sum("image/png" in out.get("data", {}) for cell in nb.cells if cell.cell_type == "code"
-               for out in cell.get("outputs", []))
+DRAWS = ("plt.subplots", "plot_runs(", "_figure(")  # the notebooks' ways of making a figure
+
+
+def drawing_cells(nb) -> list:
+    """(index, number of figures shown) of every code cell that makes a figure."""
+    return [(i, sum("image/png" in out.get("data", {}) for out in cell.get("outputs", [])))
+            for i, cell in enumerate(nb.cells)
+            if cell.cell_type == "code" and any(d in cell.source for d in DRAWS)]
+
+
+def every_figure_shows(nb):
+    cells = drawing_cells(nb)
+    assert len(cells) >= 3, cells
+    assert [i for i, shown in cells if shown == 0] == [], "a cell that draws shows no figure"
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_top_to_bottom(name, executed):
     nb, _ = executed(name)  # nbclient raises CellExecutionError on the first failing cell
-    assert figures(nb) >= 3
+    every_figure_shows(nb)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -57,7 +67,7 @@ def test_committed_notebook_shows_its_outputs(name):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.get("execution_count") for c in code), "commit the notebook executed top to bottom"
     assert not any(out.get("output_type") == "error" for c in code for out in c.get("outputs", []))
-    assert figures(nb) >= 3
+    every_figure_shows(nb)
 
 
 def test_collapse_signatures(executed):

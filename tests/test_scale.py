@@ -7,7 +7,6 @@ moment of a kill (see its docstring)."""
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import dino
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,11 +44,11 @@ def folder(tmp_path_factory):
     """64 training and 16 evaluation images of the built-in set, as PNG files (held in memory)."""
     root = tmp_path_factory.mktemp("pngs")
     for split, n, seed in (("train", 64, 0), ("val", 16, 1)):
-        data = dino.make_shapes(n, seed=seed)
+        shapes = data.make_shapes(n, seed=seed)
         for i in range(n):
-            d = root / split / data.classes[int(data.labels[i])]
+            d = root / split / shapes.classes[int(shapes.labels[i])]
             d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(data.images[i].permute(1, 2, 0).numpy()).save(d / f"{i}.png")
+            Image.fromarray(shapes.images[i].permute(1, 2, 0).numpy()).save(d / f"{i}.png")
     return root
 
 
@@ -86,7 +86,6 @@ def test_two_processes_train_as_one(folder, tmp_path):
     cfg = dino.make_config({"data": str(folder), "arch": "vit_nano", "out_dim": 64, "hidden_dim": 64,
                             "bottleneck_dim": 32, "device": "cpu", "output_dir": "unused"}, 32, "pngs")
     torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
     start, _ = dino.build_networks(cfg, torch.device("cpu"))
     ck1 = torch.load(tmp_path / "one" / "checkpoint.pth", weights_only=True)
     ck2 = torch.load(tmp_path / "two" / "checkpoint.pth", weights_only=True)  # first process's
@@ -160,8 +159,8 @@ def test_checkpoint_that_would_run_code_is_refused(folder, tmp_path):
 
     path = tmp_path / "evil.pth"
     torch.save({"teacher": Payload(), "student": {}}, path)
-    with pytest.raises(dino.DinoError, match="could run code"):
-        dino.load_checkpoint(path)
+    with pytest.raises(data.DinoError, match="could run code"):
+        data.load_checkpoint(path)
     assert not marker.exists()
     # through the command line: a one-line error, and nothing ran
     (tmp_path / "run").mkdir()
@@ -193,11 +192,11 @@ def odd_folder(root: Path):
 def test_read_rgb_converts_every_mode(tmp_path):
     d = odd_folder(tmp_path)
     for name in ("gray", "rgba", "palette", "sixteen", "tiny"):
-        image = dino.read_rgb(d / f"{name}.png")
+        image = data.read_rgb(d / f"{name}.png")
         assert image.mode == "RGB", name
     # 16-bit values v become v / 256: the pixel at index 700 holds 700·64 = 44800 → 175
-    assert dino.read_rgb(d / "sixteen.png").getpixel((700 % 32, 700 // 32)) == (175, 175, 175)
-    assert dino.read_rgb(d / "corrupt.jpg") is None and dino.read_rgb(d / "zero.png") is None
+    assert data.read_rgb(d / "sixteen.png").getpixel((700 % 32, 700 // 32)) == (175, 175, 175)
+    assert data.read_rgb(d / "corrupt.jpg") is None and data.read_rgb(d / "zero.png") is None
 
 
 def test_odd_image_folder_trains_and_names_the_bad_files(tmp_path):
@@ -212,7 +211,7 @@ def test_odd_image_folder_trains_and_names_the_bad_files(tmp_path):
     assert "corrupt.jpg" in result.stdout and "zero.png" in result.stdout
     # 15 files after the empty one is left out: 3 steps of 5 visit every one of them, and only
     # the two named above failed to read, so the other 14 were all trained on
-    _, train, _ = dino.load_data(str(tmp_path))
+    _, train, _ = data.load_data(str(tmp_path))
     assert train.images is None and len(train) == 15  # mixed sizes: cropped per image
     assert record["epoch"] == 1 and math.isfinite(record["loss"])
     # asked for strictness, the first unreadable file is a one-line error

@@ -1,5 +1,6 @@
 """End to end: a short run on the built-in data, its log and checkpoint, resume, and bad input."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import dino
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +25,7 @@ def run_cli(*args, cwd=ROOT):
 
 @pytest.fixture(scope="module")
 def tiny_data():
-    return dino.make_shapes(512, seed=0), dino.make_shapes(128, seed=1)
+    return data.make_shapes(512, seed=0), data.make_shapes(128, seed=1)
 
 
 def test_short_training_lowers_the_loss_and_resumes(tmp_path, tiny_data):
@@ -64,14 +66,14 @@ def test_student_overfits_one_batch(tiny_data):
                                 warmup_epochs=0, lr=0.004, output_dir="unused"), 32, "shapes")
     trainer = dino.Trainer(cfg, train, None, quiet=True)
     views = dino.multicrop(train.images[:32], cfg, torch.Generator().manual_seed(0))
-    losses = [trainer.train_step(views, it=i, epoch=1)[0].item() for i in range(25)]
+    losses = [trainer.step(views, trainer.steps_per_epoch + i)[0].item() for i in range(25)]
     assert losses[-1] < losses[0] - 0.3, losses  # measured: 2.61 → 1.82
 
 
 @pytest.mark.parametrize("args,message", [
     (["--data", "/no/such/path"], "does not exist"),
     (["--epochs", "-1"], "--epochs must be at least 1"),
-    (["--global_crops_size", "30"], "not a positive multiple of --patch_size"),
+    (["--global_crops_size", "30"], "is not a multiple of --patch_size"),
     (["--arch", "resnet50"], "unknown"),
     (["--teacher_temp", "0"], "must be positive"),
 ])
@@ -122,9 +124,9 @@ def test_image_folder_trains_and_skips_a_corrupt_file(tmp_path):
 def test_time_estimate_is_readable_and_points_a_cpu_user_to_the_quick_run(monkeypatch):
     assert [dino.duration(m) for m in (7.4, 210, 6938)] == ["7 min", "3.5 h", "4.8 days"]
     cfg = dino.make_config({"device": "cpu", "data": "./cifar10"}, image_size=32, name="cifar10")
-    data = dino.ImageSet(labels=torch.zeros(512, dtype=torch.long), classes=["a"],
-                         images=torch.zeros(512, 3, 32, 32, dtype=torch.uint8))
-    trainer = dino.Trainer(cfg, data, None, quiet=True)
+    images = data.ImageSet(labels=torch.zeros(512, dtype=torch.long), classes=["a"],
+                           images=torch.zeros(512, 3, 32, 32, dtype=torch.uint8))
+    trainer = dino.Trainer(cfg, images, None, quiet=True)
     assert trainer.steps_per_epoch == 2  # 512 images in batches of 256
     # 200 steps in all; after step 0 of epoch 2 (the 5th), 195 remain: 195 × 72 s = 234 min
     for native in (True, False):
@@ -134,7 +136,7 @@ def test_time_estimate_is_readable_and_points_a_cpu_user_to_the_quick_run(monkey
         assert "python dino.py" in text and "a GPU" in text
         assert ("--precision bf16" in text) == native  # suggested where the CPU has bf16
     # on the built-in data set there is no quicker data set to suggest; an hour or less: no hints
-    trainer.cfg = dino.dataclasses.replace(cfg, data="shapes")
+    trainer.cfg = dataclasses.replace(cfg, data="shapes")
     assert "python dino.py" not in trainer.time_estimate(72.0, epoch=2, step=0)
     assert trainer.time_estimate(18.3, epoch=2, step=0) == \
         "about 18.30 s/step: 59 min for the remaining 195 steps on cpu"

@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.image as plt_image
 import pytest
 import torch
 
+import data
 import dino
 import vit
 import visualize
@@ -93,7 +95,7 @@ def test_images_are_resized_and_cropped_to_the_patch_grid():
     image = torch.randint(0, 256, (3, 37, 50), dtype=torch.uint8)
     assert visualize.fit_to_patches(image, 4).shape == (3, 36, 48)
     assert visualize.fit_to_patches(image, 4, size=32).shape == (3, 32, 40)  # 37x50 → 32x43 → 32x40
-    with pytest.raises(dino.DinoError):
+    with pytest.raises(data.DinoError):
         visualize.fit_to_patches(image[:, :3], 4)
 
 
@@ -140,24 +142,25 @@ def test_authors_vit_small_16_loads_in_both_layouts_and_draws(tmp_path):
                 "epoch": 100}, tmp_path / "checkpoint.pth")
     x = torch.rand(1, 3, 32, 48)
     for name in ("dino_deitsmall16_pretrain.pth", "checkpoint.pth"):
-        model = visualize.load_backbone(tmp_path / name)
+        model = vit.load_backbone(tmp_path / name)
         assert (model.embed_dim, len(model.blocks), model.num_heads, model.patch_size) == (384, 12, 6, 16)
-        assert visualize.training_size(model) == 224
+        assert model.img_size == 224
         with torch.no_grad():
             torch.testing.assert_close(model(x), original(x))
     image = write_png(tmp_path / "photo.png", 70, 90)
     visualize.main(["attention", "--pretrained", str(tmp_path / "dino_deitsmall16_pretrain.pth"),
                     "--image", str(image), "--image_size", "64", "--out", str(tmp_path / "fig")])
-    assert (tmp_path / "fig" / "attention_photo.png").stat().st_size > 1000
+    height, width = plt_image.imread(tmp_path / "fig" / "attention_photo.png").shape[:2]
+    assert width / height == pytest.approx(1.6 * (6 + 2) / 3.6, rel=0.2)  # vit_small: 6 heads
 
 
 def test_a_width_outside_archs_needs_num_heads(tmp_path):
     model = tiny_vit()  # width 32: no entry of vit.ARCHS
     torch.save({"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()}},
                tmp_path / "checkpoint.pth")
-    with pytest.raises(dino.DinoError, match="--num_heads"):
-        visualize.load_backbone(tmp_path / "checkpoint.pth")
-    loaded = visualize.load_backbone(tmp_path / "checkpoint.pth", num_heads=4)
+    with pytest.raises(data.DinoError, match="--num_heads"):
+        vit.load_backbone(tmp_path / "checkpoint.pth")
+    loaded = vit.load_backbone(tmp_path / "checkpoint.pth", num_heads=4)
     x = torch.rand(3, 16, 16)
     torch.testing.assert_close(visualize.cls_attention(loaded, x), visualize.cls_attention(model, x))
 
@@ -181,7 +184,13 @@ def test_every_command_writes_a_png(tmp_path, run_dir):
                "image/views.png", "sample/views.png", "readme/attention.png", "readme/pca.png", "readme/curves.png",
                "readme/views.png"]
     for name in written:
-        assert (out / name).stat().st_size > 1000, name
+        pixels = plt_image.imread(out / name)  # (H, W, 4) in [0, 1]: the file is a PNG
+        assert pixels[..., :3].std() > 0.05, name  # something is drawn, not a blank canvas
+    # the attention figure has a column per head (vit_nano: 4), the image and the mean: 6 columns
+    # of 1.6 in at 3.6 in high; the PCA figure one column per sample (3)
+    for name, columns in [("attention_sample.png", 6), ("readme/attention.png", 6), ("pca.png", 3)]:
+        height, width = plt_image.imread(out / name).shape[:2]
+        assert width / height == pytest.approx(1.6 * columns / 3.6, rel=0.2), name
     # default output folder: next to the checkpoint, and the run folder for curves
     visualize.main(["curves", "--run", str(run_dir)])
     assert (run_dir / "curves.png").is_file()
@@ -189,13 +198,13 @@ def test_every_command_writes_a_png(tmp_path, run_dir):
 
 def test_views_are_the_training_views():
     cfg = dino.make_config(dict(local_crops_number=3), image_size=32, name="shapes")
-    data = dino.make_shapes(4, seed=0)
-    original, views = visualize.make_views(data, 2, cfg, seed=5)
-    assert torch.equal(original, data.images[2])
-    expected = dino.multicrop(data.images[2:3], cfg, torch.Generator().manual_seed(5))
+    shapes = data.make_shapes(4, seed=0)
+    original, views = visualize.make_views(shapes, 2, cfg, seed=5)
+    assert torch.equal(original, shapes.images[2])
+    expected = dino.multicrop(shapes.images[2:3], cfg, torch.Generator().manual_seed(5))
     assert [v.shape for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
     for v, e in zip(views, expected):  # un-normalising gives back the [0, 1] views
-        torch.testing.assert_close(dino.normalize(v[None]), e, atol=1e-5, rtol=0)
+        torch.testing.assert_close(data.normalize(v[None]), e, atol=1e-5, rtol=0)
 
 
 def test_curves_figure_returns_a_figure_with_the_entropy_bounds(run_dir):

@@ -1,0 +1,721 @@
+"""Everything between files and tensors, so that dino.py can open with the method.
+
+dino.py, knn_eval.py and visualize.py all import this module, and it imports none of them:
+  1. errors for bad input, the one seed rule, devices, peak memory
+  2. data sets: the built-in `shapes`, CIFAR-10 (python-pickle layout), image folders
+  3. pixel operations on whole batches (PIL-exact bicubic crops, colour jitter, blur, solarize),
+     which dino.multicrop composes into the paper's views
+  4. feeding images: folders cropped per image in workers, centre views for evaluation
+  5. checkpoint files: written atomically, read with weights_only=True
+"""
+
+import functools
+import math
+import os
+import pickle
+import resource
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from PIL import Image
+from torchvision.transforms import v2 as transforms
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Errors, seeds, devices.
+# ------------------------------------------------------------------------------------------------
+
+class DinoError(Exception):
+    """A problem with the user's input; the command lines print its message on one line."""
+
+
+def require(ok: bool, message: str):
+    """The one way the command lines check their input: a DinoError with `message` unless ok."""
+    if not ok:
+        raise DinoError(message)
+
+
+# Every random stream of a run is a pure function of (seed, stream, indices), so a resumed run
+# draws what an uninterrupted one would, and no two streams share a seed.
+STREAMS = {"epoch_order": 1, "views": 2, "folder_crops": 3, "drop_path": 4}
+
+
+def derive_seed(seed: int, stream: str, *indices: int) -> int:
+    """The seed of one stream at one position, e.g. derive_seed(0, "views", epoch, step): the
+    digits of (seed, stream, indices...) in base 1_000_003, a prime above any index used here."""
+    value = seed
+    for digit in (STREAMS[stream], *indices):
+        value = value * 1_000_003 + digit
+    return value % 2 ** 63
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device auto: the GPU when there is one (torchrun: the process's own), else the CPU."""
+    require(name == "auto" or name == "cpu" or name.startswith("cuda"),
+            f"--device {name} is unknown; use auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DinoError(f"--device {name} asked for a GPU but PyTorch sees none; use --device cpu")
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # torchrun: one GPU each
+    try:
+        return torch.device("cpu" if name == "auto" else name)
+    except RuntimeError:
+        raise DinoError(f"--device {name} is not a device name; use auto, cpu, cuda or cuda:N") from None
+
+
+def peak_memory(device) -> str:
+    """The process's peak resident memory (and the GPU's peak allocation), for the last line."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    rss /= 2 ** 30 if sys.platform == "darwin" else 2 ** 20
+    text = f"peak memory: CPU RSS {rss:.2f} GiB"
+    if torch.device(device).type == "cuda":
+        text += f", GPU max allocated {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
+    return text
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Data sets. The built-in `shapes` set, CIFAR-10 and folders of small images are held in
+#    memory as uint8 tensors; other folders stay files, cropped image by image.
+# ------------------------------------------------------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the authors normalise every data set with these
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+@dataclass
+class ImageSet:
+    """One split: labels, class names, and either the pixels (in memory) or the image files."""
+    labels: torch.Tensor                  # (N,) int64
+    classes: list
+    images: torch.Tensor | None = None    # (N, 3, H, W) uint8, when held in memory
+    files: list | None = None             # paths, when read from a folder
+    unreadable: list = field(default_factory=list)  # files that could not be read
+
+    def __len__(self):
+        return len(self.labels)
+
+
+SHAPES = ["disk", "ring", "square", "frame", "triangle", "cross", "star", "bar"]
+
+
+def shape_mask(shape: str, u, v):
+    """Inside-test of a shape of radius 1 in its own frame (u, v)."""
+    rho, phi = (u ** 2 + v ** 2).sqrt(), torch.atan2(v, u)
+    box = torch.maximum(u.abs(), v.abs())
+    if shape == "disk":
+        return rho <= 1.0
+    if shape == "ring":
+        return (rho <= 1.0) & (rho >= 0.6)
+    if shape == "square":
+        return box <= 0.8
+    if shape == "frame":
+        return (box <= 0.85) & (box >= 0.5)
+    if shape == "triangle":
+        return (v >= -0.5) & (v <= 1.0 - 1.732 * u.abs())
+    if shape == "cross":
+        return ((u.abs() <= 0.3) | (v.abs() <= 0.3)) & (box <= 1.0)
+    if shape == "star":
+        return rho <= 0.45 + 0.55 * ((torch.cos(5 * phi) + 1) / 2) ** 2
+    return (u.abs() <= 1.0) & (v.abs() <= 0.28)  # bar
+
+
+def make_shapes(n: int, seed: int, size: int = 32, gray: bool = True) -> ImageSet:
+    """The built-in data set: each image is a lattice of one of 8 shapes, in shades of gray.
+
+    The lattice's period (7-11 px), rotation and offset, the shapes' size, the shading (a
+    gradient in a random direction) and the two gray levels are random and independent of the
+    class, so raw pixels say little about it (k-NN 22 %), while every crop, even a small local
+    one, shows the class: multi-crop's local-to-global matching has something to learn. Gray,
+    because with random colours a few hundred steps of DINO learn to match views by colour
+    (colour is shared by all crops of an image) and never reach the shapes. Deterministic for a
+    seed; drawn 1000 images at a time so memory stays small. gray=False keeps the colours (the
+    same lattices): the collapse notebooks' fast mode uses it, since colours make the untrained
+    network's outputs differ from image to image, and the centering/sharpening balance shows
+    within its 120 steps.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    parts = [draw_shapes(min(1000, n - start), generator, size, gray) for start in range(0, n, 1000)]
+    return ImageSet(labels=torch.cat([p[1] for p in parts]), classes=list(SHAPES),
+                    images=torch.cat([p[0] for p in parts]))
+
+
+def draw_shapes(n: int, generator: torch.Generator, size: int, gray: bool = True):
+    u01 = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
+    label = torch.randint(len(SHAPES), (n,), generator=generator)
+    ss = 2 * size  # draw at twice the size, then average 2x2 pixels (anti-aliasing)
+    coords = (torch.arange(ss) + 0.5) / ss  # pixel centres in [0, 1]
+    y, x = coords[:, None], coords[None, :]
+    # background: a linear gradient between two random colours in a random direction
+    bg_a, bg_b = u01(n, 3, 1, 1), u01(n, 3, 1, 1)
+    angle = u01(n, 1, 1) * 2 * math.pi
+    ramp = ((x - 0.5) * torch.cos(angle) + (y - 0.5) * torch.sin(angle) + 0.5).clamp(0, 1)
+    background = bg_a + (bg_b - bg_a) * ramp[:, None]  # (n, 3, ss, ss)
+    # foreground colour at least 0.35 away (RMS over RGB) from the background's mean colour
+    fg = u01(n, 3, 1, 1)
+    bg_mean = (bg_a + bg_b) / 2
+    for _ in range(20):
+        close = ((fg - bg_mean).pow(2).mean(1, keepdim=True).sqrt() < 0.35).expand_as(fg)
+        fg = torch.where(close, u01(n, 3, 1, 1), fg)
+    # the lattice: period T (share of the side), shape radius r, rotation, offset (o_x, o_y)
+    period = (7 + 4 * u01(n, 1, 1)) / size
+    r = period * (0.36 + 0.08 * u01(n, 1, 1))
+    rot = u01(n, 1, 1) * 2 * math.pi
+    ox, oy = u01(n, 1, 1), u01(n, 1, 1)
+    # lattice coordinates (a, b) = R(rot) (x - o) / T; each cell's own frame (u, v) in radii
+    a = ((x - ox) * torch.cos(rot) + (y - oy) * torch.sin(rot)) / period  # (n, ss, ss)
+    b = (-(x - ox) * torch.sin(rot) + (y - oy) * torch.cos(rot)) / period
+    u = (a - a.floor() - 0.5) * period / r
+    v = (b - b.floor() - 0.5) * period / r
+    mask = torch.zeros(n, 1, ss, ss)
+    for k in range(len(SHAPES)):
+        i = label == k
+        mask[i] = shape_mask(SHAPES[k], u[i], v[i]).unsqueeze(1).float()
+    img = background * (1 - mask) + fg * mask
+    img = img + 0.03 * torch.randn(img.shape, generator=generator)  # sensor noise
+    img = F.avg_pool2d(img, 2)  # (n, 3, size, size)
+    img = (img.clamp(0, 1) * 255).round()
+    if gray:  # shades of gray: the colours' channel mean
+        img = img.mean(1, keepdim=True).round().expand(-1, 3, -1, -1)
+    return img.to(torch.uint8).contiguous(), label  # (n, 3, size, size), (n,)
+
+
+class ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what CIFAR-10's files hold: dicts, lists, str, bytes, int
+    and numpy arrays. Plain pickle.load runs whatever code a file names (a 'data set' from a
+    mirror can run a shell command); this one refuses every other class before building it."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}  # how protocol 2 writes bytes: encode(str, "latin1")
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a data file never needs")
+
+
+def read_pickle(path: Path) -> dict:
+    """One CIFAR-10 file through ArrayUnpickler; any failure is a one-line error naming the file."""
+    try:
+        with open(path, "rb") as f:
+            obj = ArrayUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise DinoError(f"{path} is missing; the CIFAR-10 folder is incomplete: extract "
+                        f"cifar-10-python.tar.gz into {path.parent.parent} again") from None
+    except Exception as e:  # refused classes, truncated files, garbage: all one message
+        raise DinoError(f"{path} is not a readable CIFAR-10 file ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'no message'}); replace it "
+                        f"with a fresh copy") from None
+    require(isinstance(obj, dict), f"{path} is not a CIFAR-10 file (it holds a "
+                                   f"{type(obj).__name__}, not a dict); replace it with a fresh copy")
+    return obj
+
+
+def load_cifar10(root: Path) -> tuple[ImageSet, ImageSet]:
+    """Read CIFAR-10's python pickles directly (torchvision's class rejects copies by md5)."""
+    base = root / "cifar-10-batches-py"
+    classes = read_pickle(base / "batches.meta").get("label_names")
+    require(isinstance(classes, list), f"{base / 'batches.meta'} has no list of label_names")
+
+    def read(names):
+        images, labels = [], []
+        for name in names:
+            batch = read_pickle(base / name)
+            data, y = batch.get("data"), batch.get("labels")
+            require(isinstance(data, np.ndarray) and data.ndim == 2 and data.shape[1] == 3072
+                    and data.dtype == np.uint8 and isinstance(y, list) and len(y) == len(data),
+                    f"{base / name} does not hold CIFAR-10's uint8 (N, 3072) data and N labels")
+            images.append(torch.as_tensor(data))
+            labels += y
+        # each row holds 1024 red, 1024 green, then 1024 blue values, row-major
+        images = rearrange(torch.cat(images), "n (c h w) -> n c h w", c=3, h=32, w=32)
+        return ImageSet(labels=torch.tensor(labels), classes=classes, images=images.contiguous())
+
+    return read([f"data_batch_{i}" for i in range(1, 6)]), read(["test_batch"])
+
+
+def download_cifar10(root: Path):
+    try:
+        import torchvision
+        torchvision.datasets.CIFAR10(root=str(root), train=True, download=True)
+    except Exception as e:  # no network, a proxy, a full disk: all end the same way for the user
+        raise DinoError(
+            f"CIFAR-10 is not in {root} and downloading it failed ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else 'no message'}); download "
+            f"cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and "
+            f"extract it into {root}") from None
+
+
+def unreadable_error(path) -> DinoError:
+    return DinoError(f"{path} could not be read as an image; remove or replace it, or run "
+                     f"without --strict_data to skip unreadable files")
+
+
+def scan_folder(split_dir: Path, classes: list | None = None, strict: bool = False) -> ImageSet:
+    class_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir())
+    if not class_dirs:
+        raise DinoError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>")
+    classes = classes or [d.name for d in class_dirs]
+    files, labels, unreadable = [], [], []
+    for d in class_dirs:
+        if d.name not in classes:
+            raise DinoError(f"class folder {d} is not among the training classes")
+        for f in sorted(d.iterdir()):
+            if f.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            if f.stat().st_size == 0:  # an interrupted copy or download: skipped, and named in the log
+                if strict:
+                    raise unreadable_error(f)
+                unreadable.append(str(f))
+                continue
+            files.append(str(f))
+            labels.append(classes.index(d.name))
+    if not files:
+        raise DinoError(f"no images found under {split_dir} (looked for "
+                        f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return ImageSet(labels=torch.tensor(labels), classes=classes, files=files, unreadable=unreadable)
+
+
+def locate(path: str) -> tuple[str, str, Path | None]:
+    """(name, kind, root) of a --data value, kind one of shapes, cifar10, folder; one-line errors
+    for paths that are none of them. Reads no image."""
+    if path == "shapes":
+        return "shapes", "shapes", None
+    root = Path(path).expanduser()
+    looks_like_cifar = "cifar" in root.name.lower().replace("-", "")
+    if (root / "cifar-10-batches-py").is_dir() or (
+            looks_like_cifar and (not root.exists() or (root.is_dir() and not any(root.iterdir())))):
+        return "cifar10", "cifar10", root
+    require(root.exists(), f"data path {root} does not exist; pass --data shapes for the built-in "
+                           f"set, a CIFAR-10 folder, or an image folder with train/<class>/")
+    require(root.is_dir(), f"data path {root} is not a folder")
+    require((root / "train").is_dir(), f"{root} has no train/ folder (nor cifar-10-batches-py/); "
+            f"expected {root}/train/<class>/<image> and optionally {root}/val/ or test/")
+    return root.name or "images", "folder", root
+
+
+def peek(path: str) -> tuple[str, int]:
+    """(name, typical image side) of a --data value without loading it: what the preset needs."""
+    name, kind, root = locate(path)
+    if kind in ("shapes", "cifar10"):
+        return name, 32
+    return name, probe_image_size(scan_folder(root / "train"))
+
+
+def load_data(path: str, strict: bool = False) -> tuple[str, ImageSet, ImageSet | None]:
+    """(name, training split, evaluation split or None) for any supported --data."""
+    name, kind, root = locate(path)
+    if kind == "shapes":
+        return name, make_shapes(10_000, seed=0), make_shapes(2_000, seed=1)
+    if kind == "cifar10":
+        if not (root / "cifar-10-batches-py").is_dir():
+            download_cifar10(root)
+        return name, *load_cifar10(root)
+    train_set = hold_in_memory(scan_folder(root / "train", strict=strict), strict=strict)
+    eval_set = None
+    for split in ("val", "test"):
+        if (root / split).is_dir():
+            eval_set = hold_in_memory(scan_folder(root / split, train_set.classes, strict), strict=strict)
+            break
+    return name, train_set, eval_set
+
+
+def hold_in_memory(data: ImageSet, max_side: int = 64, max_bytes: int = 4 * 2 ** 30,
+                   strict: bool = False) -> ImageSet:
+    """Decode a folder of small images of one size (e.g. CIFAR-10 as JPEGs) into one uint8
+    tensor, so it trains on the fast in-memory path; any other folder stays as files."""
+    try:
+        side = probe_image_size(data)
+    except DinoError:  # unreadable files: leave them to the per-image path, which reports them
+        return data
+    if side > max_side or len(data) * 3 * side * side > max_bytes:
+        return data
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        images = list(pool.map(read_rgb, data.files, chunksize=256))
+    if strict and None in images:
+        raise unreadable_error(data.files[images.index(None)])
+    sizes = {im.size for im in images if im is not None}
+    if len(sizes) != 1:
+        return data  # sizes differ: crop each image on its own, in the DataLoader
+    keep = [i for i, im in enumerate(images) if im is not None]
+    return ImageSet(labels=data.labels[keep], classes=data.classes,
+                    images=torch.stack([pil_to_tensor(images[i]) for i in keep]),  # (n, 3, H, W)
+                    unreadable=data.unreadable + [data.files[i] for i, im in enumerate(images) if im is None])
+
+
+def probe_image_size(data: ImageSet) -> int:
+    """The typical shorter side of the images (the median of the first 20 readable ones)."""
+    if data.images is not None:
+        return min(data.images.shape[-2:])
+    sides = []
+    for f in data.files[:20]:
+        try:
+            with Image.open(f) as im:
+                sides.append(min(im.size))
+        except OSError:
+            continue
+    if sides:
+        return sorted(sides)[len(sides) // 2]
+    raise DinoError(f"none of the first images under {Path(data.files[0]).parent.parent} "
+                    f"could be read; are they images?")
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Pixel operations on whole batches, with per-image random parameters; dino.multicrop composes
+#    them into the paper's views. Each equals its torchvision counterpart (tests/test_augment.py).
+# ------------------------------------------------------------------------------------------------
+
+def sample_crop_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), generator=None, tries=10):
+    """torchvision's RandomResizedCrop.get_params for n images at once: (n, 4) as (top, left, h, w)."""
+    dev = generator.device if generator is not None else "cpu"
+    area = height * width
+    target = area * torch.empty(n, tries, device=dev).uniform_(*scale, generator=generator)
+    log_r = torch.empty(n, tries, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]),
+                                                       generator=generator)
+    aspect = torch.exp(log_r)
+    w = torch.sqrt(target * aspect).round()
+    h = torch.sqrt(target / aspect).round()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.float().argmax(1, keepdim=True)  # first try that fits
+    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+    # fallback when no try fits: the whole image (ratio-clamped), as torchvision does
+    none = ~ok.any(1)
+    w = torch.where(none, float(min(width, round(height * ratio[1]))), w)
+    h = torch.where(none, float(min(height, round(width / ratio[0]))), h)
+    top = (torch.rand(n, generator=generator, device=dev) * (height - h + 1)).floor()
+    left = (torch.rand(n, generator=generator, device=dev) * (width - w + 1)).floor()
+    return torch.stack([top, left, h, w], dim=1)
+
+
+
+def cubic(x, a=-0.5):
+    """The bicubic kernel of PIL (a = -0.5), which torchvision's antialiased resize also uses."""
+    x = x.abs()
+    near = ((a + 2) * x - (a + 3)) * x * x + 1  # |x| < 1
+    far = (((x - 5) * x + 8) * x - 4) * a  # 1 <= |x| < 2
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def resize_weights(start, length, out_size, in_size):
+    """(n, out_size, in_size) weights that resample the span [start, start + length) of an axis
+    to out_size px: PIL's bicubic resize of the cropped image (crop, then resize, as the authors'
+    RandomResizedCrop does), with the kernel widened by length / out_size when shrinking."""
+    scale = (length / out_size)[:, None, None]  # (n, 1, 1) input px per output px
+    widen = scale.clamp(min=1.0)  # antialiasing: a wider kernel when shrinking
+    support = 2.0 * widen
+    center = (torch.arange(out_size, device=start.device) + 0.5)[None, :, None] * scale  # (n, S, 1)
+    j = torch.arange(in_size, device=start.device)[None, None, :] - start[:, None, None]  # crop px
+    first = (center - support + 0.5).trunc().clamp(min=0)  # taps in [first, last), inside the crop
+    last = torch.minimum((center + support + 0.5).trunc(), length[:, None, None])
+    w = cubic((j + 0.5 - center) / widen) * ((j >= first) & (j < last))
+    return w / w.sum(-1, keepdim=True)
+
+
+def crop_resize_flip(images, boxes, flips, size):
+    """Crop boxes (n, 4) = (top, left, h, w) out of images (n, 3, H, W), resize each crop to
+    size x size (bicubic, antialiased) and flip some horizontally.
+
+    Resizing is separable, so each crop is two small matrix products: out = W_y · x · W_xᵀ.
+    For a fixed box this equals torchvision's resized_crop(..., BICUBIC, antialias=True)
+    (tested), i.e. PIL's crop + resize up to its rounding to 8 bits.
+    """
+    n, _, H, W = images.shape
+    top, left, h, w = boxes.to(images.device, images.dtype).unbind(1)
+    W_y = resize_weights(top, h, size, H)  # (n, S, H)
+    W_x = resize_weights(left, w, size, W)  # (n, S, W)
+    W_x = torch.where(flips.to(images.device).view(n, 1, 1), W_x.flip(1), W_x)  # mirror the columns
+    out = W_y[:, None] @ images @ W_x[:, None].transpose(-1, -2)  # (n, 3, S, S)
+    return out.clamp(0, 1)
+
+
+# The colour operations below follow torchvision's tensor implementations (tests compare them
+# pixel for pixel); x is (n, 3, H, W) in [0, 1], factors are (n,), one per image.
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # luma weights of torchvision's rgb_to_grayscale
+
+
+def grayscale(x):
+    r, g, b = x.unbind(-3)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(-3)
+
+
+def rgb_to_hsv(x):
+    r, g, b = x.unbind(-3)
+    maxc, minc = x.max(-3).values, x.min(-3).values
+    flat = maxc == minc
+    delta = maxc - minc
+    s = delta / torch.where(flat, torch.ones_like(maxc), maxc)
+    d = torch.where(flat, torch.ones_like(delta), delta)
+    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
+    h = torch.where(maxc == r, bc - gc,
+                    torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(flat, torch.zeros_like(h), h)
+    h = (h / 6.0) % 1.0
+    return torch.stack([h, s, maxc], dim=-3)
+
+
+def hsv_to_rgb(x):
+    h, s, v = x.unbind(-3)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.long() % 6
+    p = (v * (1 - s)).clamp(0, 1)
+    q = (v * (1 - s * f)).clamp(0, 1)
+    t = (v * (1 - s * (1 - f))).clamp(0, 1)
+    choices = [torch.stack(c, dim=-3) for c in
+               [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]]
+    out = torch.zeros_like(choices[0])
+    for k, c in enumerate(choices):
+        out = torch.where((i == k).unsqueeze(-3), c, out)
+    return out
+
+
+def _per_image(factor):
+    return factor.view(-1, 1, 1, 1)
+
+
+def adjust_brightness(x, factor):
+    return (_per_image(factor) * x).clamp(0, 1)
+
+
+def adjust_contrast(x, factor):
+    mean = grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
+    return (_per_image(factor) * x + (1 - _per_image(factor)) * mean).clamp(0, 1)
+
+
+def adjust_saturation(x, factor):
+    return (_per_image(factor) * x + (1 - _per_image(factor)) * grayscale(x)).clamp(0, 1)
+
+
+def adjust_hue(x, shift):
+    hsv = rgb_to_hsv(x)
+    h = (hsv[:, :1] + _per_image(shift)) % 1.0
+    return hsv_to_rgb(torch.cat([h, hsv[:, 1:]], dim=1))
+
+
+JITTER_OPS = [adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue]
+
+
+def gaussian_blur(x, sigma, max_sigma):
+    """Blur each image with its own σ: separable kernels through a grouped convolution.
+
+    The kernel's radius ceil(3 · max_sigma) is shared by the batch; for one σ this equals
+    torchvision's gaussian_blur with kernel size 2 · radius + 1 (reflect padding; tested).
+    """
+    n, c, H, W = x.shape
+    radius = max(1, min(math.ceil(3 * max_sigma), min(H, W) - 1))
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    # $$k(i) \propto \exp(-i^2 / 2\sigma^2)$$
+    kernel = torch.exp(-offsets[None] ** 2 / (2 * sigma.view(n, 1) ** 2))
+    kernel = kernel / kernel.sum(1, keepdim=True)  # (n, 2r+1)
+    kernel = kernel.repeat_interleave(c, dim=0)  # (n·c, 2r+1): one kernel per channel
+    flat = rearrange(x, "n c h w -> 1 (n c) h w")
+    flat = F.pad(flat, (radius, radius, radius, radius), mode="reflect")
+    flat = F.conv2d(flat, kernel[:, None, :, None], groups=n * c)  # along H
+    flat = F.conv2d(flat, kernel[:, None, None, :], groups=n * c)  # along W
+    return rearrange(flat, "1 (n c) h w -> n c h w", n=n)
+
+
+def solarize(x, threshold=128 / 255):
+    """Invert every value at or above the threshold (PIL's ImageOps.solarize(img, 128))."""
+    return torch.where(x >= threshold, 1 - x, x)
+
+
+def where_images(mask, op, x, *args, every_image=None):
+    """x with op(x, *args) on the images where mask (n,) holds; args are per-image (n, ...).
+
+    every_image (default: on a GPU) computes op for every image and then selects, so no step waits
+    for the host; otherwise op runs only on the selected images, which is cheaper on a CPU. Both
+    give equal results.
+    """
+    if every_image if every_image is not None else x.is_cuda:
+        return torch.where(mask.view(-1, 1, 1, 1), op(x, *args), x)
+    if not mask.any():
+        return x
+    x = x.clone()
+    x[mask] = op(x[mask], *(a[mask] for a in args))
+    return x
+
+
+def photometric(x, p: dict, max_sigma: float):
+    """Colour jitter (random order), grayscale, blur, solarize with parameters p (drawn by
+    dino.sample_view_params); x in [0, 1]; max_sigma bounds the blur kernel's radius."""
+    for step in range(4):  # ColorJitter: the four operations in a per-image random order
+        for k, op in enumerate(JITTER_OPS):
+            x = where_images(p["jitter"] & (p["order"][:, step] == k), op, x, p["factors"][:, k])
+    x = where_images(p["gray"], lambda v: grayscale(v).expand(-1, 3, -1, -1), x)
+    x = where_images(p["blur"], lambda v, s: gaussian_blur(v, s, max_sigma), x, p["sigma"])
+    return where_images(p["solarize"], solarize, x)
+
+
+def normalize(x):
+    """Pixels in [0, 1] → the network's input, with the ImageNet mean and std, as the authors do."""
+    mean, std = _mean_std(x.device)
+    return (x - mean) / std
+
+
+def unnormalize(x):
+    """The inverse of normalize: a network's input back to pixels in [0, 1]."""
+    mean, std = _mean_std(x.device)
+    return (x * std + mean).clamp(0, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_std(device):  # made once per device: a copy from the host would make the GPU wait
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Feeding images: the epoch's order, folders cropped per image in workers, evaluation views.
+# ------------------------------------------------------------------------------------------------
+
+class FolderMultiCrop(torch.utils.data.Dataset):
+    """Per-image geometry for image folders. An item is (position in the epoch, image index);
+    its crops are drawn from a generator seeded by (seed, epoch, position), so they do not depend
+    on the number of workers or processes, nor on where a resumed run picked up. An unreadable
+    image is replaced by the next readable one (the batch keeps its size, so processes stay in
+    step) and its path is returned, to be named in the log."""
+
+    def __init__(self, data: ImageSet, crops: list, seed: int, epoch: int):
+        self.files, self.labels = data.files, data.labels
+        self.crops = crops  # one torchvision RandomResizedCrop per view
+        self.seed, self.epoch = seed, epoch
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, item):
+        position, i = item
+        torch.manual_seed(derive_seed(self.seed, "folder_crops", self.epoch, position))
+        unreadable = []
+        for k in range(len(self.files)):
+            image = read_rgb(self.files[(i + k) % len(self.files)])
+            if image is not None:
+                return [pil_to_tensor(crop(image)) for crop in self.crops], unreadable
+            unreadable.append(self.files[(i + k) % len(self.files)])
+        return None, unreadable
+
+
+def read_rgb(path):
+    """An image as 8-bit RGB (grayscale, palette, RGBA and 16-bit converted), or None if unreadable."""
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                im = im.point(lambda v: v / 256).convert("L")
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
+def collate_views(items):
+    """Stack view k of every image; collect the files that could not be read."""
+    unreadable = [path for _, paths in items for path in paths]
+    if any(views is None for views, _ in items):
+        raise DinoError(f"no image in the training folder could be read ({unreadable[0]} and "
+                        f"{len(unreadable) - 1} more); is --data a folder of images?")
+    return [torch.stack(vs) for vs in zip(*(views for views, _ in items))], unreadable
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the images in one epoch: a pure function of (seed, epoch)."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, "epoch_order", epoch))
+    return torch.randperm(n, generator=generator)
+
+
+def leave_ctrl_c_to_the_main_process(worker_id):
+    # Ctrl-C reaches every process of the terminal; the main one finishes its step and saves,
+    # which needs the workers alive until then
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def eval_batches(data: ImageSet, size: int, batch_size: int = 256):
+    """(images, labels) batches of centre views at the training resolution, for feature extraction."""
+    if data.images is not None:
+        for start in range(0, len(data), batch_size):
+            x = data.images[start:start + batch_size].float() / 255
+            if x.shape[-1] != size or x.shape[-2] != size:
+                x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
+            yield normalize(x), data.labels[start:start + batch_size]
+        return
+    resize = round(size * 256 / 224) if size >= 96 else size  # the authors' 256 → 224 centre crop
+    centre_view = transforms.Compose([
+        transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+        transforms.CenterCrop(size), transforms.PILToTensor()])
+    dataset = _EvalFolder(data, centre_view)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=2)
+    for x, y, ok in loader:
+        yield normalize(x[ok].float() / 255), y[ok]
+
+
+class _EvalFolder(torch.utils.data.Dataset):
+    """(centre view, label, readable) of each file; an unreadable file gives a blank view that
+    eval_batches drops."""
+
+    def __init__(self, data, centre_view):
+        self.data, self.centre_view = data, centre_view
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        image = read_rgb(self.data.files[i])
+        if image is None:
+            return torch.zeros(3, *self.centre_view.transforms[1].size, dtype=torch.uint8), -1, False
+        return self.centre_view(image), int(self.data.labels[i]), True
+
+
+def shard(data: ImageSet, rank: int, world: int) -> ImageSet:
+    """This process's contiguous share of a split, for feature extraction."""
+    if world == 1:
+        return data
+    idx = torch.tensor_split(torch.arange(len(data)), world)[rank]
+    return ImageSet(labels=data.labels[idx], classes=data.classes,
+                    images=None if data.images is None else data.images[idx],
+                    files=None if data.files is None else [data.files[i] for i in idx.tolist()])
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Checkpoint files.
+# ------------------------------------------------------------------------------------------------
+
+def save_checkpoint(state: dict, path: Path):
+    """Write atomically: to a temporary file, flushed and fsynced, then renamed over the old one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """torch.load(path, weights_only=True), every failure turned into a one-line DinoError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DinoError(f"{path} does not exist or is not a file")
+    with open(path, "rb") as f:
+        first = f.read(1)
+    # torch.save writes a zip archive (older releases: a pickle, whose first byte is 0x80)
+    if not zipfile.is_zipfile(path) and first != b"\x80":
+        raise DinoError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle "
+                        f"as torch.save writes)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise DinoError(f"{path} holds more than tensors and plain values, so it is not loaded "
+                        f"(unpickling it could run code): {str(e).splitlines()[0]}") from None
+    except Exception as e:  # a damaged archive can fail in many ways inside torch.load
+        raise DinoError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'no message'})") from None
+
