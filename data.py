@@ -98,7 +98,7 @@ class ImageSet:
     labels: torch.Tensor                  # (N,) int64
     classes: list
     images: torch.Tensor | None = None    # (N, 3, H, W) uint8, when held in memory
-    files: list | None = None             # paths, when read from a folder
+    files: list | None = None             # paths, when read from a folder (kept when held in memory)
     unreadable: list = field(default_factory=list)  # files that could not be read
 
     def __len__(self):
@@ -286,9 +286,50 @@ def scan_folder(split_dir: Path, classes: list | None = None, strict: bool = Fal
     return ImageSet(labels=torch.tensor(labels), classes=classes, files=files, unreadable=unreadable)
 
 
+# A folder without the train/<class>/ layout has no labels: its images form one class of this name
+# (a name no folder is given), so the code that needs labels can tell (has_labels).
+NO_LABELS = "(no labels)"
+
+
+def has_labels(data: ImageSet) -> bool:
+    return data.classes != [NO_LABELS]
+
+
+def has_class_folders(split_dir: Path) -> bool:
+    """Whether split_dir is a labelled split: a folder with subfolders (one per class)."""
+    return split_dir.is_dir() and any(d.is_dir() for d in split_dir.iterdir())
+
+
+def scan_images(root: Path, exclude: tuple = (), strict: bool = False) -> ImageSet:
+    """Every image file under root, at any depth, in sorted path order, as one data set without
+    labels (one class, NO_LABELS). Folders in `exclude` (a labelled val/ beside) and hidden folders
+    (.git, .thumbnails) are left out; empty files and broken links are skipped and named, as
+    scan_folder does; images that fail to decode are found later, where they are read."""
+    files, unreadable = [], []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".") and Path(folder, d) not in exclude]
+        for name in names:
+            path = Path(folder, name)
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            try:
+                empty = path.stat().st_size == 0  # an interrupted copy or download
+            except OSError:  # a link to nothing
+                empty = True
+            if empty and strict:
+                raise unreadable_error(path)
+            (unreadable if empty else files).append(path)
+    if not files:
+        raise DinoError(f"no images found under {root}: it has no train/ folder of classes and no "
+                        f"image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in it or its subfolders")
+    return ImageSet(labels=torch.zeros(len(files), dtype=torch.long), classes=[NO_LABELS],
+                    files=[str(f) for f in sorted(files)], unreadable=[str(f) for f in sorted(unreadable)])
+
+
 def locate(path: str) -> tuple[str, str, Path | None]:
-    """(name, kind, root) of a --data value, kind one of shapes, cifar10, folder; one-line errors
-    for paths that are none of them. Reads no image."""
+    """(name, kind, root) of a --data value, kind one of shapes, cifar10, folder (train/<class>/
+    layout) or images (any other folder: its images, without labels); one-line errors for paths
+    that are none of them. Reads no image."""
     if path == "shapes":
         return "shapes", "shapes", None
     root = Path(path).expanduser()
@@ -297,11 +338,16 @@ def locate(path: str) -> tuple[str, str, Path | None]:
             looks_like_cifar and (not root.exists() or (root.is_dir() and not any(root.iterdir())))):
         return "cifar10", "cifar10", root
     require(root.exists(), f"data path {root} does not exist; pass --data shapes for the built-in "
-                           f"set, a CIFAR-10 folder, or an image folder with train/<class>/")
+                           f"set, a CIFAR-10 folder, or a folder of images")
     require(root.is_dir(), f"data path {root} is not a folder")
-    require((root / "train").is_dir(), f"{root} has no train/ folder (nor cifar-10-batches-py/); "
-            f"expected {root}/train/<class>/<image> and optionally {root}/val/ or test/")
-    return root.name or "images", "folder", root
+    name = root.name or "images"
+    return name, "folder" if has_class_folders(root / "train") else "images", root
+
+
+def labelled_beside(root: Path) -> list[Path]:
+    """The labelled val/ and test/ folders of an unlabelled folder: held out of its training images;
+    the first is its evaluation split."""
+    return [root / split for split in ("val", "test") if has_class_folders(root / split)]
 
 
 def peek(path: str) -> tuple[str, int]:
@@ -309,11 +355,15 @@ def peek(path: str) -> tuple[str, int]:
     name, kind, root = locate(path)
     if kind in ("shapes", "cifar10"):
         return name, 32
+    if kind == "images":
+        return name, probe_image_size(scan_images(root, tuple(labelled_beside(root))))
     return name, probe_image_size(scan_folder(root / "train"))
 
 
 def load_data(path: str, strict: bool = False) -> tuple[str, ImageSet, ImageSet | None]:
-    """(name, training split, evaluation split or None) for any supported --data."""
+    """(name, training split, evaluation split or None) for any supported --data. A folder without
+    train/<class>/ gives all its images without labels (has_labels is False), evaluated on a
+    labelled val/ or test/ beside them if there is one."""
     name, kind, root = locate(path)
     if kind == "shapes":
         return name, make_shapes(10_000, seed=0), make_shapes(2_000, seed=1)
@@ -321,6 +371,11 @@ def load_data(path: str, strict: bool = False) -> tuple[str, ImageSet, ImageSet 
         if not (root / "cifar-10-batches-py").is_dir():
             download_cifar10(root)
         return name, *load_cifar10(root)
+    if kind == "images":
+        beside = labelled_beside(root)
+        train_set = hold_in_memory(scan_images(root, tuple(beside), strict), strict=strict)
+        eval_set = hold_in_memory(scan_folder(beside[0], strict=strict), strict=strict) if beside else None
+        return name, train_set, eval_set
     train_set = hold_in_memory(scan_folder(root / "train", strict=strict), strict=strict)
     eval_set = None
     for split in ("val", "test"):
@@ -348,7 +403,7 @@ def hold_in_memory(data: ImageSet, max_side: int = 64, max_bytes: int = 4 * 2 **
     if len(sizes) != 1:
         return data  # sizes differ: crop each image on its own, in the DataLoader
     keep = [i for i, im in enumerate(images) if im is not None]
-    return ImageSet(labels=data.labels[keep], classes=data.classes,
+    return ImageSet(labels=data.labels[keep], classes=data.classes, files=[data.files[i] for i in keep],
                     images=torch.stack([pil_to_tensor(images[i]) for i in keep]),  # (n, 3, H, W)
                     unreadable=data.unreadable + [data.files[i] for i, im in enumerate(images) if im is None])
 

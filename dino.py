@@ -59,9 +59,9 @@ def flag(default, help: str, valid=None):
 
 @dataclass
 class Config:
-    data: str = flag("shapes", "'shapes' (built in, no files), a CIFAR-10 folder, or an image "
-                               "folder with train/<class>/ and val/ or test/")
-    output_dir: str = flag("", "where checkpoint.pth and log.jsonl go (default: runs/<data name>)")
+    data: str = flag("shapes", "'shapes' (built in, no files), a CIFAR-10 folder, an image folder with "
+                               "train/<class>/ and val/ or test/, or any folder of images (no labels)")
+    output_dir: str = flag("", "where checkpoint.pth, config.json and the logs go (default: runs/<data name>)")
     # backbone
     arch: str = flag("vit_small", "backbone", tuple(vit.ARCHS))
     patch_size: int = flag(16, "ViT patch size p in pixels", ">=1")
@@ -837,10 +837,15 @@ class Trainer:
             f, y = extract_features(backbone, data.eval_batches(part, size), self.device)
             return gather_rows(f, self.device), gather_rows(y, self.device)
 
-        train_features, train_labels = features(self.train_set)
         eval_features, eval_labels = features(self.eval_set)
+        if data.has_labels(self.train_set):
+            train_features, train_labels = features(self.train_set)
+            classes = self.train_set.classes
+        else:  # no labels to vote with: the labelled split votes on its own images, each not for itself
+            train_features, train_labels, classes = eval_features, eval_labels, self.eval_set.classes
         top1, _ = knn_accuracy(train_features, train_labels, eval_features, eval_labels, k=k,
-                               temperature=temperature, num_classes=len(self.train_set.classes))
+                               temperature=temperature, num_classes=len(classes),
+                               leave_one_out=not data.has_labels(self.train_set))
         return top1
 
     # -- interruptions and failures ---------------------------------------------------------------
@@ -1084,13 +1089,20 @@ def run(cfg: Config, say) -> int:
             f"{cfg.batch_size} x {world} process(es); lower --batch_size")
     trainer = Trainer(cfg, train_set, eval_set)
     n_params = sum(p.numel() for p in trainer.student.backbone.parameters()) / 1e6
-    say(f"DINO on {name}: {len(train_set)} training images, "
+    labelled = data.has_labels(train_set)
+    say(f"DINO on {name}: {len(train_set)} training images{'' if labelled else ' (no labels)'}, "
         f"{len(eval_set) if eval_set is not None else 0} for evaluation | {cfg.arch}/"
         f"{cfg.patch_size} ({n_params:.1f}M) | K={cfg.out_dim} | 2x{cfg.global_crops_size}px + "
         f"{cfg.local_crops_number}x{cfg.local_crops_size}px views | batch {cfg.batch_size}"
         + (f" x {world} processes" if world > 1 else "")
         + f" | {cfg.epochs} epochs on {trainer.device}" + (" (bf16 autocast)" if trainer.bf16 else "")
         + f" | output {cfg.output_dir}")
+    if not labelled:
+        say(f"no labels: {cfg.data} has no train/<class>/ folders, so DINO trains on every image "
+            f"under it (it needs no labels); " + (
+                "no k-NN monitor (it needs a labelled val/ or test/ beside the images)"
+                if eval_set is None else f"the k-NN monitor votes among the {len(eval_set)} "
+                f"labelled evaluation images, each leaving itself out"))
     if train_set.unreadable:
         say(f"warning: {len(train_set.unreadable)} unreadable image(s) left out (named in "
             f"log.jsonl): {', '.join(train_set.unreadable[:5])}"
@@ -1109,8 +1121,8 @@ def run(cfg: Config, say) -> int:
     if eval_set is not None:
         last = trainer.history[-1] if trainer.history else {}
         top1 = last["knn_top1"] if "knn_top1" in last else trainer.knn()
-        say(f"weighted k-NN (k=20, T=0.07, teacher backbone) top-1 on the evaluation split: "
-            f"{top1:.2f}%")
+        say(f"weighted k-NN (k=20, T=0.07, teacher backbone) top-1 on the evaluation split"
+            f"{'' if labelled else ' (leave-one-out)'}: {top1:.2f}%")
         say(f"knn top1@20={top1:.2f}")
     say(data.peak_memory(trainer.device))
     return 0

@@ -117,9 +117,11 @@ def raw_pixel_features(train_batches, test_batches, chunk_size=4096):
 # ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def nearest_neighbours(train_features, test_features, k, chunk_size=1024):
+def nearest_neighbours(train_features, test_features, k, chunk_size=1024, leave_one_out=False):
     """Yield (s, idx) per chunk of test images: the similarities (chunk, k) of the k most similar
     training features, in descending order, and their indices. Features must be L2-normalised.
+    leave_one_out: the test images are the training images, and none is its own neighbour (its
+    similarity becomes -inf, a vote of weight 0).
 
     Memory is bounded by chunk_size × N_train similarities, whatever the number of test images.
     """
@@ -128,6 +130,9 @@ def nearest_neighbours(train_features, test_features, k, chunk_size=1024):
         q = test_features[start:start + chunk_size].to(train_features.device)
         # s_i = cos(x, x_i) = x · x_i for unit vectors
         s = q @ train_features.T  # (chunk, N_train)
+        if leave_one_out:
+            rows = torch.arange(len(q), device=s.device)
+            s[rows, start + rows] = -math.inf
         yield s.topk(k, dim=1)  # values and indices, (chunk, k) each, sorted descending
 
 
@@ -170,15 +175,16 @@ def topk_accuracy(scores, labels):
 
 @torch.no_grad()
 def knn_sweep(train_features, train_labels, test_features, test_labels, ks=(10, 20, 100, 200),
-              temperature=0.07, num_classes=None, chunk_size=1024):
+              temperature=0.07, num_classes=None, chunk_size=1024, leave_one_out=False):
     """{k: (top-1, top-5)} in percent for several k from one pass over the similarities: the k
-    nearest neighbours are the first k of the max(ks) nearest."""
+    nearest neighbours are the first k of the max(ks) nearest. leave_one_out: see
+    nearest_neighbours (for a labelled split that votes on its own images)."""
     num_classes = num_classes or int(train_labels.max()) + 1
     train_labels = train_labels.to(train_features.device)
     test_labels = torch.as_tensor(test_labels)
     hits = {k: torch.zeros(2, dtype=torch.long) for k in ks}  # correct at top-1, top-5
     start = 0
-    for s, idx in nearest_neighbours(train_features, test_features, max(ks), chunk_size):
+    for s, idx in nearest_neighbours(train_features, test_features, max(ks), chunk_size, leave_one_out):
         y = test_labels[start:start + len(s)]
         start += len(s)
         for k in ks:
@@ -189,10 +195,10 @@ def knn_sweep(train_features, train_labels, test_features, test_labels, ks=(10, 
 
 
 def knn_accuracy(train_features, train_labels, test_features, test_labels, k=20, temperature=0.07,
-                 num_classes=None, chunk_size=1024):
+                 num_classes=None, chunk_size=1024, leave_one_out=False):
     """(top-1, top-5) accuracy in percent of the weighted k-NN classifier."""
     return knn_sweep(train_features, train_labels, test_features, test_labels, (k,), temperature,
-                     num_classes, chunk_size)[k]
+                     num_classes, chunk_size, leave_one_out)[k]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -320,6 +326,9 @@ def compute_features(args, device, log):
                 f"--image_size {args.image_size or train_size} is not a multiple of the patch size "
                 f"{backbone.patch_size}")
     name, train_set, eval_set = data.load_data(args.data)
+    require(data.has_labels(train_set), f"{args.data} has no labels (no train/<class>/ folders), "
+            f"so the k-NN has nothing to vote with; `python knn_eval.py --embed {args.data} "
+            f"--checkpoint ...` writes the features of its images")
     require(eval_set is not None, f"{args.data} has no evaluation split (a val/ or test/ folder "
                                   f"beside train/); the k-NN needs one")
     classes = list(train_set.classes)
