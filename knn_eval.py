@@ -9,10 +9,16 @@ extract_features and knn_accuracy from this file, so both report the same number
   python knn_eval.py --checkpoint runs/cifar10/checkpoint.pth --data ./cifar10 --linear
   python knn_eval.py --pretrained dino_deitsmall16_pretrain.pth --data /path/to/images
   python knn_eval.py --raw_pixels --data ./cifar10                     # pixels alone: 45.8 % (k=20)
+  python knn_eval.py --embed my_photos --checkpoint runs/my_photos/checkpoint.pth --out emb.pth
+  python knn_eval.py --export vit_backbone.pth --checkpoint runs/my_photos/checkpoint.pth
 
 The file reads: 1. features (a network's, or raw pixels)  2. weighted k-NN  3. linear probe
-4. command line. Weights load through vit.load_backbone (this project's checkpoints and the
-authors' released ones), data through data.load_data.
+4. command line, with the two commands that take weights out of a run: --embed (the features of
+any data set, labelled or not) and --export (the backbone in the authors' layout). They live here
+because they take the same weights (--checkpoint, --pretrained, --weights) and views
+(--image_size, --avgpool) as the evaluations, and extract features with the same function.
+Weights load through vit.load_backbone (this project's checkpoints and the authors' released
+ones), data through data.load_data.
 
 Where this knowingly differs from the authors' eval_knn.py and eval_linear.py:
 - any number of classes and any number of test images (theirs assumes 1000 classes and breaks
@@ -23,9 +29,11 @@ Where this knowingly differs from the authors' eval_knn.py and eval_linear.py:
 """
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -277,13 +285,26 @@ def build_parser():
                         help="test images compared at once; memory ≈ chunk_size × N_train × 4 bytes")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--save_features", help="write the extracted features to this file")
+    out = parser.add_argument_group("taking the weights out (instead of evaluating)")
+    out.add_argument("--embed", metavar="DATA",
+                     help="write the features of every image of DATA (any --data: a folder of images "
+                          "at any depth, labelled or not, shapes, CIFAR-10) to --out: an (N, D) tensor "
+                          "and each row's image path (or index, for data held in memory)")
+    out.add_argument("--split", choices=["train", "eval"], default="train",
+                     help="with --embed: the training images (of a folder without labels: all of "
+                          "them) or the evaluation split")
+    out.add_argument("--out", help="with --embed: the file to write (default: embeddings_<data name>.pth)")
+    out.add_argument("--export", metavar="FILE",
+                     help="write the --weights backbone to FILE as a plain state dict in the authors' "
+                          "dino_*_pretrain.pth layout (vit.py, hubconf.py and timm load it)")
     probe = parser.add_argument_group("linear probe")
     probe.add_argument("--linear", action="store_true", help="also train and test a linear probe")
-    probe.add_argument("--n_last_blocks", type=int, default=4,
-                       help="concatenate the [CLS] tokens of this many last blocks (paper: 4 for "
-                            "ViT-S, 1 with --avgpool for ViT-B)")
+    probe.add_argument("--n_last_blocks", type=int, default=None,
+                       help="concatenate the [CLS] tokens of this many last blocks (default: 4 with "
+                            "--linear, 1 with --embed; paper: 4 for ViT-S, 1 with --avgpool for ViT-B)")
     probe.add_argument("--avgpool", action="store_true",
-                       help="append the last block's mean patch token")
+                       help="append the last block's mean patch token (with --embed too: then the "
+                            "features are the probe's input, not L2-normalised)")
     probe.add_argument("--epochs", type=int, default=100, help="probe training epochs (paper: 100)")
     probe.add_argument("--lr", type=float, default=0.001,
                        help="probe lr at batch 256, scaled linearly with the batch; the best value "
@@ -306,25 +327,43 @@ def validate(args):
                f"--probe_batch_size must be at least 1, got {args.probe_batch_size}")]
     for ok, message in checks:
         require(ok, message)
+    require(not (args.embed and args.export), "--embed and --export are two commands; give one")
+    command = "--embed" if args.embed else "--export" if args.export else None
+    if command:
+        require(args.checkpoint or args.pretrained,
+                f"{command} takes a network's weights: give --checkpoint or --pretrained")
+        require(not args.linear and not args.save_features,
+                f"--linear and --save_features belong to the k-NN evaluation, not to {command}")
     require(args.checkpoint or args.pretrained or args.raw_pixels or args.load_features,
             "nothing to evaluate: give --checkpoint, --pretrained, --raw_pixels or --load_features")
+
+
+def load_weights(args) -> vit.VisionTransformer:
+    """The --weights backbone of --checkpoint or --pretrained, checked against the flags."""
+    path = args.checkpoint or args.pretrained
+    weights = data.load_checkpoint(path)
+    require(not args.checkpoint or (isinstance(weights, dict) and "teacher" in weights),
+            f"{path} is not a DINO checkpoint (it has no 'teacher' and 'student' weights); for "
+            f"a plain ViT state dict use --pretrained")
+    backbone = vit.backbone_from(weights, str(path), args.weights)
+    require(args.n_last_blocks <= len(backbone.blocks), f"--n_last_blocks {args.n_last_blocks} "
+            f"exceeds the {len(backbone.blocks)} blocks of the ViT")
+    require((args.image_size or backbone.img_size) % backbone.patch_size == 0,
+            f"--image_size {args.image_size or backbone.img_size} is not a multiple of the patch "
+            f"size {backbone.patch_size}")
+    return backbone
+
+
+def describe_source(args, backbone, size) -> str:
+    return (f"{args.weights} backbone of {args.checkpoint}" if args.checkpoint
+            else f"{args.pretrained}") + f" ({vit.describe(backbone)}, {size} px centre views)"
 
 
 def compute_features(args, device, log):
     """Load data and weights, extract features once; returns the dict --save_features writes."""
     if args.checkpoint or args.pretrained:  # weights first: their errors come before any data work
-        path = args.checkpoint or args.pretrained
-        weights = data.load_checkpoint(path)
-        require(not args.checkpoint or (isinstance(weights, dict) and "teacher" in weights),
-                f"{path} is not a DINO checkpoint (it has no 'teacher' and 'student' weights); for "
-                f"a plain ViT state dict use --pretrained")
-        backbone = vit.backbone_from(weights, str(path), args.weights)
+        backbone = load_weights(args)
         train_size = backbone.img_size
-        require(args.n_last_blocks <= len(backbone.blocks), f"--n_last_blocks {args.n_last_blocks} "
-                f"exceeds the {len(backbone.blocks)} blocks of the ViT")
-        require((args.image_size or train_size) % backbone.patch_size == 0,
-                f"--image_size {args.image_size or train_size} is not a multiple of the patch size "
-                f"{backbone.patch_size}")
     name, train_set, eval_set = data.load_data(args.data)
     require(data.has_labels(train_set), f"{args.data} has no labels (no train/<class>/ folders), "
             f"so the k-NN has nothing to vote with; `python knn_eval.py --embed {args.data} "
@@ -349,8 +388,7 @@ def compute_features(args, device, log):
         return dict(features, classes=classes, source=source, data=name)
 
     size = args.image_size or train_size
-    source = (f"{args.weights} backbone of {args.checkpoint}" if args.checkpoint
-              else f"{args.pretrained}") + f" ({vit.describe(backbone)}, {size} px centre views)"
+    source = describe_source(args, backbone, size)
     log(f"{source} on {name}: {len(train_set)} training, {len(eval_set)} evaluation images, "
         f"{len(classes)} classes")
     backbone = backbone.to(device).eval()
@@ -369,6 +407,70 @@ def compute_features(args, device, log):
     return dict(out, classes=classes, source=source, data=name)
 
 
+def embed(args, device, log):
+    """--embed: the features of every readable image of one split, row i for the image at
+    paths[i] (images from files) or indices[i] (data sets generated or unpacked into memory), in
+    the split's order (a folder's: sorted paths). By default the k-NN's feature, the
+    L2-normalised [CLS] token; with --avgpool or --n_last_blocks > 1 the linear probe's input."""
+    backbone = load_weights(args)
+    size = args.image_size or backbone.img_size
+    name, train_set, eval_set = data.load_data(args.embed)
+    images = train_set if args.split == "train" else eval_set
+    require(images is not None, f"{args.embed} has no evaluation split (a labelled val/ or test/ "
+                                f"folder); --split train embeds its images")
+    source = describe_source(args, backbone, size)
+    log(f"{source} on {name}, {args.split} split: {len(images)} images")
+    started = time.time()
+    # each image's position rides through eval_batches as its label: the batches leave out
+    # unreadable files, and every row that comes out still names its image
+    numbered = dataclasses.replace(images, labels=torch.arange(len(images)))
+    batches = tqdm(data.eval_batches(numbered, size, args.batch_size), desc="embedding",
+                   total=math.ceil(len(images) / args.batch_size), leave=False, disable=None)
+    knn_f, probe_f, index = extract_probe_features(backbone.to(device).eval(), batches, device,
+                                                   args.n_last_blocks, args.avgpool)
+    probe = args.avgpool or args.n_last_blocks > 1
+    kind = (f"[CLS] of the last {args.n_last_blocks} block(s)" + (" + mean patch token" if args.avgpool else "")
+            if probe else "L2-normalised [CLS] token")
+    out = dict(features=probe_f if probe else knn_f, feature=kind, source=source, data=name,
+               split=args.split, image_size=size)
+    if images.files is not None:
+        out["paths"] = [images.files[i] for i in index.tolist()]
+    else:
+        out["indices"] = index
+    dropped = sorted(set(range(len(images))) - set(index.tolist()))
+    out["unreadable"] = list(images.unreadable) + [images.files[i] for i in dropped]
+    if data.has_labels(images):
+        out.update(labels=images.labels[index], classes=list(images.classes))
+    path = Path(args.out or f"embeddings_{name}.pth")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data.save_checkpoint(out, path)
+    seconds = time.time() - started
+    if out["unreadable"]:
+        log(f"warning: skipped {len(out['unreadable'])} unreadable image(s): "
+            f"{', '.join(out['unreadable'][:5])}" + (" ..." if len(out["unreadable"]) > 5 else ""))
+    log(f"wrote {tuple(out['features'].shape)} features ({kind}) and each row's "
+        f"{'path' if 'paths' in out else 'index'} to {path} in {seconds:.1f} s "
+        f"({len(index) / max(seconds, 1e-9):.0f} images/s on {device}) | {data.peak_memory(device)}")
+    return 0
+
+
+def export(args, log):
+    """--export: the backbone as the authors' dino_*_pretrain.pth files hold it, a plain state
+    dict of the ViT (cls_token, pos_embed, patch_embed.proj.*, blocks.{i}.*, norm.*), which
+    vit.load_backbone, hubconf.from_file and timm's VisionTransformer load strictly."""
+    backbone = load_weights(args)
+    state = dict(backbone.state_dict())  # plain: the name → tensor table and nothing else
+    path = Path(args.export)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data.save_checkpoint(state, path)
+    millions = sum(v.numel() for v in state.values()) / 1e6
+    which = f"the {args.weights} backbone of {args.checkpoint}" if args.checkpoint else args.pretrained
+    log(f"wrote {which} ({vit.describe(backbone)} trained at {backbone.img_size} px, "
+        f"{millions:.2f}M parameters) to {path}, a plain state dict in the authors' "
+        f"dino_*_pretrain.pth layout")
+    return 0
+
+
 def read_features(path, need_probe):
     features = data.load_checkpoint(path)
     keys = {"train_features", "train_labels", "test_features", "test_labels", "classes"}
@@ -382,8 +484,14 @@ def read_features(path, need_probe):
 
 def main(argv=None, log=print):
     args = build_parser().parse_args(argv)
+    if args.n_last_blocks is None:
+        args.n_last_blocks = 4 if args.linear else 1
     validate(args)
     device = data.resolve_device(args.device)
+    if args.export:
+        return export(args, log)
+    if args.embed:
+        return embed(args, device, log)
     started = time.time()
     if args.load_features:
         features = read_features(args.load_features, args.linear)

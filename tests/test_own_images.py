@@ -1,17 +1,24 @@
-"""A folder of one's own images: unlabelled folders at any depth, and the leave-one-out k-NN
-monitor of a run on them."""
+"""A folder of one's own images: unlabelled folders at any depth, the leave-one-out k-NN monitor,
+and the embeddings (knn_eval.py --embed) checked against the features knn_eval extracts."""
 
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import data
 import knn_eval
 
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--arch", "vit_nano", "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size",
+         "16", "--local_crops_number", "2", "--out_dim", "64", "--hidden_dim", "64",
+         "--bottleneck_dim", "32", "--device", "cpu", "--num_workers", "0"]
 
 
 def save_shape(image_u8, path, size=None):
@@ -104,3 +111,85 @@ def test_the_monitor_of_an_unlabelled_run_votes_among_the_labelled_split(nested,
                                      leave_one_out=True)[0]
     assert trainer.knn() == expected
     assert expected < 100.0  # without leaving itself out, k-NN on its own images scores 100 %
+
+
+def test_a_short_run_on_a_nested_unlabelled_folder_and_its_embeddings(nested, tmp_path):
+    """Acceptance 1: one short epoch on the folder, then its embeddings: one row per readable
+    image, in the reported order, equal to what knn_eval extracts for the same images laid out
+    as a labelled data set."""
+    root, good, broken = nested
+    out = tmp_path / "run"
+    run = subprocess.run([sys.executable, str(ROOT / "dino.py"), "--data", str(root), *SMALL,
+                          "--batch_size", "6", "--epochs", "1", "--output_dir", str(out)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "19 training images (no labels)" in run.stdout
+    assert "no k-NN monitor" in run.stdout and "knn top1" not in run.stdout
+    assert "empty.jpg" in run.stdout and "broken.JPG" in run.stdout
+
+    lines = []
+    assert knn_eval.main(["--embed", str(root), "--checkpoint", str(out / "checkpoint.pth"),
+                          "--out", str(tmp_path / "emb.pth"), "--device", "cpu", "--batch_size", "5"],
+                         log=lines.append) == 0
+    embedded = torch.load(tmp_path / "emb.pth", weights_only=True)
+    assert embedded["paths"] == [str(p) for p in good]  # the readable ones, in sorted path order
+    assert embedded["unreadable"] == [str(root / "2021" / "empty.jpg"), str(broken)]
+    assert embedded["features"].shape == (18, 64) and "labels" not in embedded
+    assert any("skipped 2 unreadable" in line for line in lines)
+    assert any(line.startswith("wrote (18, 64) features") and " s (" in line for line in lines)
+
+    # the oracle: the same files as a labelled data set, through knn_eval's own k-NN path
+    labelled = tmp_path / "labelled"
+    for i, path in enumerate(good):
+        (labelled / "train" / "all").mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, labelled / "train" / "all" / f"{i:02d}.png")
+    (labelled / "val" / "all").mkdir(parents=True)
+    shutil.copy(good[0], labelled / "val" / "all" / "0.png")
+    knn_eval.main(["--checkpoint", str(out / "checkpoint.pth"), "--data", str(labelled), "--k", "1",
+                   "--device", "cpu", "--save_features", str(tmp_path / "knn.pth")], log=lambda *_: None)
+    expected = torch.load(tmp_path / "knn.pth", weights_only=True)["train_features"]
+    torch.testing.assert_close(embedded["features"], expected)
+    assert torch.allclose(embedded["features"].norm(dim=1), torch.ones(18))  # the k-NN's unit vectors
+
+
+def test_embeddings_of_an_in_memory_set_name_their_rows_and_keep_labels(tmp_path):
+    """A folder of small images of one size is decoded into memory; its rows still name their
+    files. --avgpool writes the probe's input: [CLS] and the mean patch token, unnormalised."""
+    import vit
+    folder = tmp_path / "small"
+    shapes = data.make_shapes(12, seed=2)
+    for i in range(12):
+        save_shape(shapes.images[i], folder / "train" / f"c{i % 2}" / f"{i:02d}.png")
+    (folder / "train" / "c1" / "zero.png").write_bytes(b"")
+    torch.manual_seed(0)
+    backbone = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4).eval()
+    torch.save(backbone.state_dict(), tmp_path / "b.pth")
+    for flags in ([], ["--avgpool"]):
+        knn_eval.main(["--embed", str(folder), "--pretrained", str(tmp_path / "b.pth"), "--device",
+                       "cpu", "--out", str(tmp_path / "e.pth"), *flags], log=lambda *_: None)
+        e = torch.load(tmp_path / "e.pth", weights_only=True)
+        _, train, _ = data.load_data(str(folder))
+        assert train.images is not None and e["paths"] == train.files  # in memory, paths kept
+        assert e["unreadable"] == [str(folder / "train" / "c1" / "zero.png")]
+        assert e["labels"].tolist() == train.labels.tolist() and e["classes"] == ["c0", "c1"]
+        with torch.no_grad():  # the oracle: the network on the images, by hand
+            x = data.normalize(train.images.float() / 255)
+            tokens = backbone.get_intermediate_layers(x, 1)[0]
+        cls, mean_patch = tokens[:, 0], tokens[:, 1:].mean(1)
+        expected = torch.cat([cls, mean_patch], 1) if flags else F.normalize(cls, dim=1)
+        torch.testing.assert_close(e["features"], expected)
+
+
+def test_knn_eval_on_unlabelled_data_and_embed_without_weights_are_one_line_errors(nested):
+    root, _, _ = nested
+    result = subprocess.run([sys.executable, str(ROOT / "knn_eval.py"), "--raw_pixels", "--data",
+                             str(root)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and "has no labels" in lines[0] and "--embed" in lines[0]
+    for args, message in [(["--embed", str(root)], "--embed takes a network's weights"),
+                          (["--embed", "shapes", "--export", "x.pth", "--pretrained", "w.pth"],
+                           "two commands"),
+                          (["--export", "x.pth", "--raw_pixels"], "--export takes a network's weights")]:
+        with pytest.raises(data.DinoError, match=message):
+            knn_eval.main(args, log=lambda *_: None)
