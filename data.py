@@ -9,6 +9,7 @@ dino.py, knn_eval.py and visualize.py all import this module, and it imports non
   5. checkpoint files: written atomically, read with weights_only=True
 """
 
+import argparse
 import functools
 import math
 import os
@@ -755,7 +756,11 @@ def save_checkpoint(state: dict, path: Path):
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """torch.load(path, weights_only=True), every failure turned into a one-line DinoError."""
+    """torch.load(path, weights_only=True), every failure turned into a one-line DinoError.
+
+    One class besides tensors and plain values is let in: argparse.Namespace, which the authors'
+    full checkpoints hold under 'args'. Building one only sets attributes, and its values are
+    unpickled under the same restrictions."""
     path = Path(path)
     if not path.is_file():
         raise DinoError(f"{path} does not exist or is not a file")
@@ -766,7 +771,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise DinoError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle "
                         f"as torch.save writes)")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise DinoError(f"{path} holds more than tensors and plain values, so it is not loaded "
                         f"(unpickling it could run code): {str(e).splitlines()[0]}") from None

@@ -115,10 +115,9 @@ class Config:
                                 "run resumes where it was (0 = at epoch ends only)", ">=0")
     knn_every: int = flag(0, "run the k-NN monitor every N epochs (0 = only at the end)", ">=0")
     precision: str = flag("auto", "auto is bf16 autocast on CUDA, fp32 on CPU", ("auto", "bf16", "fp32"))
-    compile: bool = flag(False, "torch.compile the networks (same loss as eager within tolerance; "
-                                "the first steps are slow while it compiles)")
-    time_limit: float = flag(0.0, "stop training after this many minutes, at an epoch boundary "
-                                  "(0 = no limit)", ">=0")
+    compile: bool = flag(False, "torch.compile the networks (the first steps are slow while it compiles)")
+    time_limit: float = flag(0.0, "stop after this many minutes, at an epoch boundary (0 = no limit)", ">=0")
+    init_from: str = flag("", "start from a backbone or full checkpoint (README: Warm start)", "file")
 
 
 # -- 2. The projection head. g_θ = head ∘ backbone; the backbone is vit.VisionTransformer.
@@ -625,6 +624,62 @@ MODEL_FIELDS = ("arch", "patch_size", "out_dim", "hidden_dim", "bottleneck_dim",
                 "norm_last_layer", "use_bn_in_head", "global_crops_size")
 
 
+# Warm start (--init_from). The authors' head normalises its last layer with the deprecated
+# torch.nn.utils.weight_norm (W = g V / ‖V‖, tensors weight_g and weight_v); this project's with
+# its parametrizations, which keep the same two tensors under other names.
+AUTHORS_LAST_LAYER = {
+    "head.last_layer.weight_g": "head.last_layer.parametrizations.weight.original0",  # γ, (K, 1)
+    "head.last_layer.weight_v": "head.last_layer.parametrizations.weight.original1",  # V, (K, bottleneck)
+}
+SHAPE_FLAGS = [  # the flags that set a tensor's shape, most specific first
+    ("backbone.pos_embed", "--global_crops_size and --patch_size"),
+    ("backbone.patch_embed", "--patch_size and --arch"), ("backbone.", "--arch"),
+    ("head.last_layer", "--out_dim and --bottleneck_dim"),
+    ("head.", "--hidden_dim, --bottleneck_dim and --use_bn_in_head")]
+
+
+def warm_start_weights(obj, source: str) -> dict:
+    """{"student", "teacher": state dicts with MultiCropWrapper keys, "center": c or None} out of
+    a file's contents. A full checkpoint (teacher and student: the authors' or this project's)
+    gives each network its own backbone and head (`module.` prefixes dropped, the last layer
+    renamed from weight_g/weight_v) and the center c (the authors keep it in dino_loss). A
+    backbone alone (dino_*_pretrain.pth, an export) starts both networks; heads stay as built."""
+    full = isinstance(obj, dict) and ("teacher" in obj or "student" in obj)
+    weights = {"center": None}
+    for role in ("student", "teacher"):
+        state = {"backbone." + k: v for k, v in vit.backbone_state_dict(obj, source, role).items()}
+        if full:
+            named = {k.removeprefix("module."): v for k, v in obj[role].items() if torch.is_tensor(v)}
+            state.update({AUTHORS_LAST_LAYER.get(k, k): v for k, v in named.items() if k.startswith("head.")})
+        weights[role] = state
+    if full:
+        center = obj.get("center", (obj.get("dino_loss") or {}).get("center"))
+        weights["center"] = center if torch.is_tensor(center) else None
+    return weights
+
+
+def load_warm_start(network, state: dict, source: str, role: str):
+    """Copy state into a MultiCropWrapper: the whole backbone, and the whole head if the file has
+    one. A one-line error names the first tensor that is left over, missing or shaped otherwise."""
+    own = network.state_dict()
+    for key, value in state.items():
+        require(key in own, f"--init_from {source}: the {role}'s {key} has no place in this run's "
+                            f"network; {shape_flags(key)}")
+        require(value.shape == own[key].shape,
+                f"--init_from {source}: the {role}'s {key} is {tuple(value.shape)} in the file but "
+                f"{tuple(own[key].shape)} in this run's network; {shape_flags(key)}")
+    parts = ("backbone.", "head.") if any(k.startswith("head.") for k in state) else ("backbone.",)
+    missing = [k for k in own if k.startswith(parts) and k not in state]
+    if missing:
+        raise DinoError(f"--init_from {source}: the {role} has no {missing[0]} ({len(missing)} "
+                        f"tensor(s) missing); {shape_flags(missing[0])}")
+    network.load_state_dict({**own, **state}, strict=True)
+
+
+def shape_flags(key: str) -> str:
+    return next(f"set by {flags}" for prefix, flags in SHAPE_FLAGS if key.startswith(prefix))
+
+
 class Trainer:
     """Holds the networks, optimizer, center and schedules; `fit()` runs the epochs.
 
@@ -951,8 +1006,28 @@ class Trainer:
         where = f"epoch {self.start_epoch}/{self.cfg.epochs}" + (
             f" + {step}/{self.steps_per_epoch} steps" if step else "")
         if self.rank == 0:
-            log(f"resumed from {self.checkpoint_path} at {where}")
+            log(f"resumed from {self.checkpoint_path} at {where}"
+                + ("; --init_from starts only a fresh run" if self.cfg.init_from else ""))
         return True
+
+    def warm_start(self, log=print):
+        """--init_from: student and teacher (and the center, from a full checkpoint) out of a
+        file; the optimizer, the schedules and the position start afresh."""
+        path = self.cfg.init_from
+        weights = warm_start_weights(data.load_checkpoint(path), path)
+        for role, network in (("student", self.student), ("teacher", self.teacher)):
+            load_warm_start(network, weights[role], path, role)
+        if weights["center"] is not None:
+            require(weights["center"].shape == self.center.shape,
+                    f"--init_from {path}: the center is {tuple(weights['center'].shape)} in the file "
+                    f"but {tuple(self.center.shape)} in this run; set by --out_dim")
+            self.center = weights["center"].to(self.device, torch.float32)
+        heads = any(k.startswith("head.") for k in weights["student"])
+        if self.rank == 0:
+            log(f"started from {path}: " + ("student and teacher, backbones and heads"
+                                            + (", and the center" if weights["center"] is not None else "")
+                                            if heads else "its backbone in student and teacher; the "
+                                            "heads start from scratch"))
 
 
 def format_record(r: dict) -> str:
@@ -1008,6 +1083,7 @@ VALID = {  # the rules a Config field's `valid` names
     "[0,1]": (lambda v: 0 <= v <= 1, "must be between 0 and 1"),
     "[0,1)": (lambda v: 0 <= v < 1, "must be at least 0 and below 1"),
     "scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "must satisfy 0 < MIN <= MAX <= 1"),
+    "file": (lambda v: not v or Path(v).is_file(), "must name an existing file"),
 }
 
 
@@ -1107,7 +1183,8 @@ def run(cfg: Config, say) -> int:
         say(f"warning: {len(train_set.unreadable)} unreadable image(s) left out (named in "
             f"log.jsonl): {', '.join(train_set.unreadable[:5])}"
             + (" ..." if len(train_set.unreadable) > 5 else ""))
-    trainer.resume(log=say)
+    if not trainer.resume(log=say) and cfg.init_from:
+        trainer.warm_start(log=say)
     if trainer.start_epoch >= cfg.epochs:
         say(f"already trained for {cfg.epochs} epochs; raise --epochs to train further")
     else:
