@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -118,6 +119,8 @@ class Config:
     compile: bool = flag(False, "torch.compile the networks (the first steps are slow while it compiles)")
     time_limit: float = flag(0.0, "stop after this many minutes, at an epoch boundary (0 = no limit)", ">=0")
     init_from: str = flag("", "start from a backbone or full checkpoint (README: Warm start)", "file")
+    log_every: int = flag(0, "a record in steps.jsonl every N steps (0 = at least 100 per run)", ">=0")
+    tensorboard: bool = flag(False, "step records also to OUTPUT_DIR/tensorboard (pip install tensorboard)")
 
 
 # -- 2. The projection head. g_θ = head ∘ backbone; the backbone is vit.VisionTransformer.
@@ -723,6 +726,8 @@ class Trainer:
         self.stop_requested = self.saved_on_stop = False
         self.output_dir = Path(cfg.output_dir)
         self.checkpoint_path = self.output_dir / "checkpoint.pth"
+        self.record_every = record_every(cfg.epochs * self.steps_per_epoch, cfg.log_every)
+        self.writer = None  # TensorBoard's, with --tensorboard
 
     def wrapped(self, network, ddp: bool):
         if ddp:
@@ -766,15 +771,34 @@ class Trainer:
         saves, and raises KeyboardInterrupt; a non-finite loss raises DinoError without saving."""
         log = log if self.rank == 0 else silent
         if self.rank == 0:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.open_run_files()
         self.started, self.steps_done = time.time(), 0
-        with self.stop_on_signals():
-            for epoch in range(self.start_epoch, stop_after or self.cfg.epochs):
-                first = self.start_step if epoch == self.start_epoch else 0
-                seconds = self.run_epoch(epoch, first, log, on_step)
-                if self.end_epoch(epoch, seconds, log):
-                    break
+        try:
+            with self.stop_on_signals():
+                for epoch in range(self.start_epoch, stop_after or self.cfg.epochs):
+                    first = self.start_step if epoch == self.start_epoch else 0
+                    seconds = self.run_epoch(epoch, first, log, on_step)
+                    if self.end_epoch(epoch, seconds, log):
+                        break
+        finally:
+            if self.writer is not None:
+                self.writer.close()
         return self.history
+
+    def open_run_files(self):
+        """The run folder: config.json with the effective values (dino.config_from_dict reads it
+        back), steps.jsonl cut back to where the run resumes, TensorBoard's writer if asked."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2) + "\n")
+        steps = self.output_dir / "steps.jsonl"
+        if steps.exists():  # records past the checkpoint come again as the run resumes
+            start = self.start_epoch * self.steps_per_epoch + self.start_step
+            kept = [line for line in steps.read_text().splitlines()
+                    if line.strip() and json.loads(line)["iteration"] < start]
+            steps.write_text("".join(line + "\n" for line in kept))
+        if self.cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # optional package: loaded only when asked
+            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
 
     def run_epoch(self, epoch, first, log, on_step) -> float:
         """The steps of one epoch from step `first`; returns the seconds it took."""
@@ -796,6 +820,8 @@ class Trainer:
             if on_step is not None:
                 on_step(iteration, loss, stats)
             self.report_progress(bar, loss, stats, epoch, step)
+            if iteration % self.record_every == 0:
+                self.record_step(iteration, loss, stats)
             if self.should_stop(step):
                 bar.close()
                 self.save(epoch, step + 1)
@@ -822,6 +848,25 @@ class Trainer:
             self.check_finite()
             bar.set_postfix(loss=f"{loss.item():.3f}", h_t=f"{stats['teacher_entropy'].item():.2f}")
 
+    def record_step(self, iteration, loss, stats):
+        """One line of steps.jsonl (and TensorBoard scalars): the step's loss and collapse
+        diagnostics (means over the processes) and the schedules' values. Called every
+        record_every steps: its one read of device values waits for the device only then."""
+        values = all_reduce_mean(torch.stack([loss, stats["teacher_entropy"], stats["kl"],
+                                              self.center.norm()]))
+        loss, entropy, kl, center_norm = values.tolist()
+        at = self.scheduled(iteration)
+        record = dict(iteration=iteration, epoch=(iteration + 1) / self.steps_per_epoch, loss=loss,
+                      teacher_entropy=entropy, kl=kl, log_K=math.log(self.cfg.out_dim),
+                      center_norm=center_norm, lr=at["lr"], wd=at["wd"], momentum=at["momentum"],
+                      teacher_temp=at["teacher_temp"])
+        if self.rank == 0:
+            with open(self.output_dir / "steps.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.writer is not None:
+                for key in STEP_SCALARS:
+                    self.writer.add_scalar(f"train/{key}", record[key], iteration)
+
     def end_epoch(self, epoch, seconds, log) -> bool:
         """Record the epoch (log.jsonl, the k-NN monitor when due), save; True when out of time."""
         cfg = self.cfg
@@ -840,6 +885,9 @@ class Trainer:
         knn_due = cfg.knn_every and (epoch + 1) % cfg.knn_every == 0
         if self.eval_set is not None and (knn_due or last or out_of_time):
             record["knn_top1"] = self.knn()
+            if self.writer is not None:  # at the epoch's last iteration
+                self.writer.add_scalar("eval/knn_top1", record["knn_top1"],
+                                       (epoch + 1) * self.steps_per_epoch - 1)
         self.history.append(record)
         self.save(epoch + 1, 0)
         if self.rank == 0:
@@ -1030,6 +1078,15 @@ class Trainer:
                                             "heads start from scratch"))
 
 
+def record_every(total_steps: int, log_every: int = 0) -> int:
+    """The cadence N of the step records (steps.jsonl): --log_every, else ⌊T / 100⌋ for a run of T
+    steps, which records iterations 0, N, 2N, ...: ⌈T / N⌉ ≥ 100 records (every step when T < 100)."""
+    return log_every or max(1, total_steps // 100)
+
+
+STEP_SCALARS = ("loss", "teacher_entropy", "kl", "center_norm", "lr", "wd", "momentum", "teacher_temp")
+
+
 def format_record(r: dict) -> str:
     text = (f"epoch {r['epoch']:>3}  loss {r['loss']:.4f}  h(P_t) {r['teacher_entropy']:.3f}"
             f"/{r['log_K']:.2f}  KL {r['kl']:.3f}  |c| {r['center_norm']:.3f}  lr {r['lr']:.2e}  "
@@ -1101,6 +1158,8 @@ def validate(cfg: Config):
         size = getattr(cfg, name)
         require(size % cfg.patch_size == 0,
                 f"--{name} {size} is not a multiple of --patch_size {cfg.patch_size}")
+    require(not cfg.tensorboard or importlib.util.find_spec("tensorboard") is not None,
+            "--tensorboard needs the tensorboard package, which is not installed: pip install tensorboard")
 
 
 def build_parser(defaults: Config | None = None):

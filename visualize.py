@@ -209,13 +209,16 @@ def pca_figure(backbone: vit.VisionTransformer, images: list[torch.Tensor], size
 
 
 # ------------------------------------------------------------------------------------------------
-# 4. Training curves from log.jsonl (paper Figure 7 for one run).
+# 4. Training curves from log.jsonl and steps.jsonl (paper Figure 7 for one run).
 # ------------------------------------------------------------------------------------------------
 
-def read_log(run_dir) -> list[dict]:
-    path = Path(run_dir) / "log.jsonl"
+def read_log(run_dir, name: str = "log.jsonl", required: bool = True) -> list[dict]:
+    """The records of a run's log.jsonl (one per epoch) or steps.jsonl (one every N steps); a
+    file that is not required may be missing (runs from before step records)."""
+    path = Path(run_dir) / name
     if not path.is_file():
-        raise DinoError(f"{path} does not exist; --run takes the --output_dir of a dino.py run")
+        require(not required, f"{path} does not exist; --run takes the --output_dir of a dino.py run")
+        return []
     records = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
@@ -223,26 +226,39 @@ def read_log(run_dir) -> list[dict]:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
                 raise DinoError(f"{path}, line {i}, is not JSON") from None
-    if not records:
+    if not records and required:
         raise DinoError(f"{path} is empty: no epoch has finished yet")
     return records
 
 
-def curves_figure(records: list[dict], title: str = "", path=None) -> Figure:
-    """Loss, collapse diagnostics, k-NN accuracy and the schedules, one panel each, over epochs."""
+def read_run(run_dir) -> tuple[list[dict], list[dict]]:
+    """(epoch records, step records) of a run; while its first epoch runs, the steps alone."""
+    steps = read_log(run_dir, "steps.jsonl", required=False)
+    return read_log(run_dir, required=not steps), steps
+
+
+def curves_figure(records: list[dict], title: str = "", path=None, steps: list[dict] = ()) -> Figure:
+    """Loss, collapse diagnostics, k-NN accuracy and the schedules, one panel each, over epochs:
+    the epoch records of log.jsonl as dots, and the step records of steps.jsonl (if given) as
+    lines, at x = epochs done after the step."""
     epochs = [r["epoch"] for r in records]
+    xs = epochs + [s["epoch"] for s in steps]
     fig = Figure(figsize=(13, 5.6), dpi=100, layout="constrained")
     axes = fig.subplots(2, 4)
 
-    def panel(ax, key, label, **style):
-        ys = [r.get(key, math.nan) for r in records]
-        ax.plot(epochs, ys, "o-", markersize=3, **style)
+    def panel(ax, key, label, schedule=False, **style):
+        if steps:
+            ax.plot([s["epoch"] for s in steps], [s.get(key, math.nan) for s in steps], "-", lw=1,
+                    alpha=1.0 if schedule else 0.6, **style)
+        if records and not (steps and schedule):  # the schedules' epoch values lie on the step line
+            ys = [r.get(key, math.nan) for r in records]
+            ax.plot(epochs, ys, "o" if steps else "o-", markersize=3, **style)
         style_axis(ax, label)
 
     def style_axis(ax, label):
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("epoch", fontsize=8)
-        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        ax.set_xlim(0 if steps else min(xs) - 0.5, max(xs) + 0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
 
@@ -250,7 +266,7 @@ def curves_figure(records: list[dict], title: str = "", path=None) -> Figure:
     ax = axes[0, 1]
     panel(ax, "teacher_entropy", "teacher entropy h(P_t)")
     # Figure 7: h(P_t) → 0 is collapse to one dimension, h(P_t) → log K to the uniform distribution
-    log_K = records[-1]["log_K"]
+    log_K = (list(records) or list(steps))[-1]["log_K"]
     ax.axhline(0, color="tab:red", ls="--", lw=1, label="0: one-dimension collapse")
     ax.axhline(log_K, color="tab:purple", ls="--", lw=1, label=f"log K = {log_K:.2f}: uniform")
     ax.legend(fontsize=7, loc="best")
@@ -264,11 +280,14 @@ def curves_figure(records: list[dict], title: str = "", path=None) -> Figure:
         ax.text(0.5, 0.5, "no k-NN measured\n(dino.py --knn_every N)", ha="center", va="center",
                 transform=ax.transAxes)
     style_axis(ax, "k-NN top-1 (%)")
-    panel(axes[1, 0], "lr", "learning rate (end of epoch)", color="tab:orange")
-    panel(axes[1, 1], "wd", "weight decay", color="tab:orange")
-    panel(axes[1, 2], "momentum", "teacher momentum λ", color="tab:orange")
-    panel(axes[1, 3], "teacher_temp", "teacher temperature τ_t", color="tab:orange")
-    fig.suptitle(title or f"training curves, {len(records)} epochs", fontsize=11)
+    panel(axes[1, 0], "lr", "learning rate" if steps else "learning rate (end of epoch)", True,
+          color="tab:orange")
+    panel(axes[1, 1], "wd", "weight decay", True, color="tab:orange")
+    panel(axes[1, 2], "momentum", "teacher momentum λ", True, color="tab:orange")
+    panel(axes[1, 3], "teacher_temp", "teacher temperature τ_t", True, color="tab:orange")
+    what = f"{len(records)} epochs (dots: epoch means)" + (
+        f", {len(steps)} step records (lines)" if steps else "")
+    fig.suptitle(f"{title + ': ' if title else 'training curves, '}{what}", fontsize=11)
     return save(fig, path)
 
 
@@ -372,7 +391,8 @@ def run_pca(args):
 
 def run_curves(args):
     path = (Path(args.out) if args.out else Path(args.run)) / "curves.png"
-    curves_figure(read_log(args.run), title=f"{args.run}: training curves", path=path)
+    records, steps = read_run(args.run)
+    curves_figure(records, title=f"{args.run}: training curves", path=path, steps=steps)
     return [path]
 
 
@@ -414,7 +434,8 @@ def run_readme_figures(args):
     written = [out / "attention.png", out / "pca.png", out / "curves.png", out / "views.png"]
     attention_figure(backbone, samples[0], args.share, size, path=written[0])
     pca_figure(backbone, samples, size, path=written[1])
-    curves_figure(read_log(run), title=f"{run}: training curves", path=written[2])
+    records, steps = read_run(run)
+    curves_figure(records, title=f"{run}: training curves", path=written[2], steps=steps)
     # the views of the image whose attention is drawn, cut as this run's training cut them
     views_figure(*make_views(in_memory(samples[0]), 0, config_from_checkpoint(checkpoint)),
                  path=written[3])
@@ -444,7 +465,8 @@ def build_parser():
     p = commands.add_parser("pca", help="first 3 principal components of patch features as RGB")
     model_flags(p)
     p.add_argument("--samples", type=int, default=6, help="built-in samples when no --image")
-    p = commands.add_parser("curves", help="loss, entropy, KL, k-NN and schedules from log.jsonl")
+    p = commands.add_parser("curves", help="loss, entropy, KL, k-NN and schedules from log.jsonl "
+                                           "and steps.jsonl")
     p.add_argument("--run", required=True, help="the --output_dir of a dino.py run")
     p.add_argument("--out", help="output folder (default: the run folder)")
     p = commands.add_parser("views", help="one image and its multi-crop views")
