@@ -2,6 +2,8 @@
 and the embeddings (knn_eval.py --embed) checked against the features knn_eval extracts."""
 
 import math
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -13,7 +15,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import dino
 import knn_eval
+import vit
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--arch", "vit_nano", "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size",
@@ -94,7 +98,6 @@ def test_leave_one_out_knn_by_hand():
 def test_the_monitor_of_an_unlabelled_run_votes_among_the_labelled_split(nested, tmp_path):
     """Trainer.knn with no training labels: the labelled val/ beside the photos votes on its own
     images, each leaving itself out; by hand, the same from the teacher's features."""
-    import dino
     root, _, _ = nested
     shapes = data.make_shapes(16, seed=9)
     folder = tmp_path / "photos"
@@ -155,7 +158,6 @@ def test_a_short_run_on_a_nested_unlabelled_folder_and_its_embeddings(nested, tm
 def test_embeddings_of_an_in_memory_set_name_their_rows_and_keep_labels(tmp_path):
     """A folder of small images of one size is decoded into memory; its rows still name their
     files. --avgpool writes the probe's input: [CLS] and the mean patch token, unnormalised."""
-    import vit
     folder = tmp_path / "small"
     shapes = data.make_shapes(12, seed=2)
     for i in range(12):
@@ -193,3 +195,47 @@ def test_knn_eval_on_unlabelled_data_and_embed_without_weights_are_one_line_erro
                           (["--export", "x.pth", "--raw_pixels"], "--export takes a network's weights")]:
         with pytest.raises(data.DinoError, match=message):
             knn_eval.main(args, log=lambda *_: None)
+
+
+def readme_blocks(section: str) -> list:
+    """(language, code) of the code blocks of one `## section` of the README."""
+    text = (ROOT / "README.md").read_text()
+    part = text[text.index(f"## {section}\n"):]
+    part = part[:part.find("\n## ", 1)]
+    return re.findall(r"```(\w+)\n(.*?)```", part, flags=re.S)
+
+
+def test_the_readme_section_runs_on_a_tiny_folder(tmp_path, monkeypatch, capsys):
+    """Acceptance 5: the README's "Your own images" commands, as written, on a folder of 20 small
+    photos in subfolders; the training command gets flags appended that make it tiny (later
+    flags win). Then its Python lines, and the exported backbone gives the embeddings."""
+    shapes = data.make_shapes(20, seed=7)
+    for i in range(20):
+        save_shape(shapes.images[i], tmp_path / "my_photos" / f"roll{i % 3}" / f"IMG_{i:04d}.png")
+    (tmp_path / "my_photos" / "IMG_9999.png").write_bytes(b"")
+    tiny = ["--arch", "vit_nano", "--patch_size", "8", "--epochs", "1", "--batch_size", "8",
+            "--out_dim", "64", "--hidden_dim", "64", "--bottleneck_dim", "32", "--local_crops_number",
+            "2", "--device", "cpu"]
+    blocks = readme_blocks("Your own images")
+    commands = [shlex.split(line.split("  #")[0]) for line in blocks[0][1].splitlines() if line.strip()]
+    assert blocks[0][0] == "bash" and [c[:2] for c in commands] == [
+        ["python", "dino.py"], ["python", "knn_eval.py"], ["python", "knn_eval.py"]]
+    monkeypatch.chdir(tmp_path)
+    for command in commands:  # each script's main(), as `python script.py` calls it
+        if command[1] == "dino.py":
+            assert dino.main(command[2:] + tiny) == 0
+        else:
+            assert knn_eval.main(command[2:]) == 0
+    out = capsys.readouterr().out
+    assert "20 training images (no labels)" in out and "IMG_9999.png" in out
+    assert blocks[1][0] == "python"
+    exec(blocks[1][1], {})
+    shown = capsys.readouterr().out
+    embedded = torch.load(tmp_path / "my_photos_embeddings.pth", weights_only=True)
+    paths = embedded["paths"]
+    assert len(paths) == 20 and paths == sorted(paths) and shown.startswith(f"['{paths[0]}', ")
+    # the exported backbone is the network that made the embeddings
+    model = vit.load_backbone(tmp_path / "my_photos_vit.pth")
+    _, train, _ = data.load_data("my_photos")
+    features, _ = knn_eval.extract_features(model, data.eval_batches(train, model.img_size), "cpu")
+    torch.testing.assert_close(features, embedded["features"])
