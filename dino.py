@@ -791,10 +791,10 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2) + "\n")
         steps = self.output_dir / "steps.jsonl"
-        if steps.exists():  # records past the checkpoint come again as the run resumes
+        if steps.exists():  # records past the checkpoint (or cut short by a kill) come again
             start = self.start_epoch * self.steps_per_epoch + self.start_step
-            kept = [line for line in steps.read_text().splitlines()
-                    if line.strip() and json.loads(line)["iteration"] < start]
+            kept = [line for line in steps.read_text().splitlines() if line.endswith("}")
+                    and json.loads(line)["iteration"] < start]
             steps.write_text("".join(line + "\n" for line in kept))
         if self.cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # optional package: loaded only when asked

@@ -220,11 +220,14 @@ def read_log(run_dir, name: str = "log.jsonl", required: bool = True) -> list[di
         require(not required, f"{path} does not exist; --run takes the --output_dir of a dino.py run")
         return []
     records = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines, 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
+                if i == len(lines) and not required:
+                    break  # the record a running step is writing
                 raise DinoError(f"{path}, line {i}, is not JSON") from None
     if not records and required:
         raise DinoError(f"{path} is empty: no epoch has finished yet")

@@ -73,6 +73,7 @@ def test_a_short_run_writes_its_config_and_step_records_and_resumes_them(tmp_pat
     # own come again, now every 3 steps (iterations 8 to 11: 9 only)
     with open(run / "steps.jsonl", "a") as f:
         f.write(json.dumps({**steps[-1], "iteration": 8, "loss": -1.0}) + "\n")
+        f.write('{"iteration": 9, "epoch": 2.5, "lo')  # killed while writing
     more = dataclasses.replace(cfg, epochs=3, log_every=3)
     trainer = dino.Trainer(more, train, None, quiet=True)
     assert trainer.resume(log=lambda *_: None)
@@ -89,6 +90,14 @@ def test_a_short_run_writes_its_config_and_step_records_and_resumes_them(tmp_pat
     assert list(line.get_ydata()) == [s["loss"] for s in steps]
     assert list(dots.get_ydata()) == [r["loss"] for r in records]
     assert visualize.main(["curves", "--run", str(run)]) == 0 and (run / "curves.png").is_file()
+
+    # during the first epoch: no log.jsonl yet, and the record being written is left out
+    live = tmp_path / "live"
+    live.mkdir()
+    (live / "steps.jsonl").write_text((run / "steps.jsonl").read_text() + '{"iteration": 12, "lo')
+    records, steps = visualize.read_run(live)
+    assert records == [] and [s["iteration"] for s in steps] == list(range(8)) + [9]
+    assert "0 epochs" in visualize.curves_figure(records, steps=steps)._suptitle.get_text()
 
 
 def test_step_records_read_the_device_only_on_their_cadence(tmp_path, monkeypatch):
