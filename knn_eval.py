@@ -293,15 +293,15 @@ def build_parser():
     out.add_argument("--split", choices=["train", "eval"], default="train",
                      help="with --embed: the training images (of a folder without labels: all of "
                           "them) or the evaluation split")
-    out.add_argument("--out", help="with --embed: the file to write (default: embeddings_<data name>.pth)")
+    out.add_argument("--out", help="with --embed: the file to write (None: embeddings_<data name>.pth)")
     out.add_argument("--export", metavar="FILE",
                      help="write the --weights backbone to FILE as a plain state dict in the authors' "
                           "dino_*_pretrain.pth layout (vit.py, hubconf.py and timm load it)")
     probe = parser.add_argument_group("linear probe")
     probe.add_argument("--linear", action="store_true", help="also train and test a linear probe")
     probe.add_argument("--n_last_blocks", type=int, default=None,
-                       help="concatenate the [CLS] tokens of this many last blocks (default: 4 with "
-                            "--linear, 1 with --embed; paper: 4 for ViT-S, 1 with --avgpool for ViT-B)")
+                       help="concatenate the [CLS] tokens of this many last blocks (None: 4 with --linear, "
+                            "1 with --embed; paper: 4 for ViT-S, 1 with --avgpool for ViT-B)")
     probe.add_argument("--avgpool", action="store_true",
                        help="append the last block's mean patch token (with --embed too: then the "
                             "features are the probe's input, not L2-normalised)")
