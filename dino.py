@@ -627,9 +627,9 @@ MODEL_FIELDS = ("arch", "patch_size", "out_dim", "hidden_dim", "bottleneck_dim",
                 "norm_last_layer", "use_bn_in_head", "global_crops_size")
 
 
-# Warm start (--init_from). The authors' head normalises its last layer with the deprecated
-# torch.nn.utils.weight_norm (W = g V / ‖V‖, tensors weight_g and weight_v); this project's with
-# its parametrizations, which keep the same two tensors under other names.
+# Warm start (--init_from). Both heads normalise the last layer's rows, W_k = γ_k V_k / ‖V_k‖;
+# the authors' with the deprecated torch.nn.utils.weight_norm (γ as weight_g, V as weight_v), this
+# project's with its parametrizations, which keep the same two tensors under other names.
 AUTHORS_LAST_LAYER = {
     "head.last_layer.weight_g": "head.last_layer.parametrizations.weight.original0",  # γ, (K, 1)
     "head.last_layer.weight_v": "head.last_layer.parametrizations.weight.original1",  # V, (K, bottleneck)
@@ -1070,12 +1070,13 @@ class Trainer:
                     f"--init_from {path}: the center is {tuple(weights['center'].shape)} in the file "
                     f"but {tuple(self.center.shape)} in this run; set by --out_dim")
             self.center = weights["center"].to(self.device, torch.float32)
-        heads = any(k.startswith("head.") for k in weights["student"])
+        if any(k.startswith("head.") for k in weights["student"]):
+            what = "student and teacher, backbones and heads" + (
+                ", and the center" if weights["center"] is not None else "")
+        else:
+            what = "its backbone in student and teacher; the heads start from scratch"
         if self.rank == 0:
-            log(f"started from {path}: " + ("student and teacher, backbones and heads"
-                                            + (", and the center" if weights["center"] is not None else "")
-                                            if heads else "its backbone in student and teacher; the "
-                                            "heads start from scratch"))
+            log(f"started from {path}: {what}")
 
 
 def record_every(total_steps: int, log_every: int = 0) -> int:
