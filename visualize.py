@@ -288,8 +288,8 @@ def curves_figure(records: list[dict], title: str = "", path=None, steps: list[d
     panel(axes[1, 1], "wd", "weight decay", True, color="tab:orange")
     panel(axes[1, 2], "momentum", "teacher momentum λ", True, color="tab:orange")
     panel(axes[1, 3], "teacher_temp", "teacher temperature τ_t", True, color="tab:orange")
-    what = f"{len(records)} epochs (dots: epoch means)" + (
-        f", {len(steps)} step records (lines)" if steps else "")
+    what = f"{len(records)} epochs" + (
+        f" (dots: epoch means), {len(steps)} step records (lines)" if steps else "")
     fig.suptitle(f"{title + ': ' if title else 'training curves, '}{what}", fontsize=11)
     return save(fig, path)
 
