@@ -11,6 +11,7 @@ dino.py, knn_eval.py and visualize.py all import this module, and it imports non
 
 import argparse
 import functools
+import hashlib
 import math
 import os
 import pickle
@@ -57,6 +58,60 @@ def derive_seed(seed: int, stream: str, *indices: int) -> int:
     for digit in (STREAMS[stream], *indices):
         value = value * 1_000_003 + digit
     return value % 2 ** 63
+
+
+# The ranges a number given on a command line may take; one table for the three command lines.
+RULES = {
+    ">0": (lambda v: v > 0, "must be positive"),
+    ">=0": (lambda v: v >= 0, "must be at least 0"),
+    ">=1": (lambda v: v >= 1, "must be at least 1"),
+    ">=2": (lambda v: v >= 2, "must be at least 2"),
+    "[0,1]": (lambda v: 0 <= v <= 1, "must be between 0 and 1"),
+    "(0,1)": (lambda v: 0 < v < 1, "must be between 0 and 1, both excluded"),
+    "[0,1)": (lambda v: 0 <= v < 1, "must be at least 0 and below 1"),
+    "scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "must satisfy 0 < MIN <= MAX <= 1"),
+    "file": (lambda v: not v or Path(v).is_file(), "must name an existing file"),
+}
+
+
+def check_flag(name: str, value, valid):
+    """A one-line error unless --name's value obeys `valid`: a RULES key, or a tuple of choices."""
+    shown = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+    if isinstance(valid, tuple):
+        require(value in valid, f"--{name} {shown} is unknown; choose one of {', '.join(valid)}")
+    elif valid is not None:
+        ok, rule = RULES[valid]
+        require(all(ok(v) for v in value) if isinstance(value, list) else ok(value),
+                f"--{name} {rule}, got {shown}")
+
+
+def writable_folder(path, flag: str) -> Path:
+    """Create the folder a command will write to and prove it writable with a probe file, so a
+    read-only disk or a path through a file fails before any work, not after an epoch."""
+    path = Path(path).expanduser()
+    require(not path.exists() or path.is_dir(), f"{flag} {path} is a file, not a folder; "
+                                                f"choose a folder")
+    probe = path / f".write_probe_{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise DinoError(f"{flag} {path} cannot be written ({e.strerror or e}); choose another "
+                        f"place") from None
+    return path
+
+
+def writable_file(path, flag: str) -> Path:
+    """writable_folder for the folder of a file a command will write."""
+    path = Path(path).expanduser()
+    require(not path.is_dir(), f"{flag} {path} is a folder; give a file name")
+    try:
+        writable_folder(path.parent, flag)
+    except DinoError:
+        raise DinoError(f"{flag} {path} cannot be written: its folder {path.parent} cannot be "
+                        f"created or written; choose another place") from None
+    return path
 
 
 def resolve_device(name: str) -> torch.device:
@@ -269,12 +324,19 @@ def scan_folder(split_dir: Path, classes: list | None = None, strict: bool = Fal
     classes = classes or [d.name for d in class_dirs]
     files, labels, unreadable = [], [], []
     for d in class_dirs:
-        if d.name not in classes:
-            raise DinoError(f"class folder {d} is not among the training classes")
-        for f in sorted(d.iterdir()):
-            if f.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            if f.stat().st_size == 0:  # an interrupted copy or download: skipped, and named in the log
+        require(d.name in classes, f"class folder {d} is not among the training classes")
+        entries = sorted(d.iterdir())
+        images = [f for f in entries if f.suffix.lower() in IMAGE_EXTENSIONS]
+        below = [f for f in entries if f.is_dir()]
+        require(images, f"class folder {d} holds no images" + (
+            f" directly (they may be in its subfolders, such as {below[0].name}/: move them up "
+            f"into {d}/)" if below else "; remove the folder or add its images"))
+        for f in images:
+            try:  # an empty file is an interrupted copy; a dangling or looping link cannot be read
+                readable = f.stat().st_size > 0
+            except OSError:
+                readable = False
+            if not readable:  # skipped, and named in the log
                 if strict:
                     raise unreadable_error(f)
                 unreadable.append(str(f))
@@ -418,7 +480,7 @@ def probe_image_size(data: ImageSet) -> int:
         try:
             with Image.open(f) as im:
                 sides.append(min(im.size))
-        except OSError:
+        except UNREADABLE:
             continue
     if sides:
         return sorted(sides)[len(sides) // 2]
@@ -663,6 +725,11 @@ class FolderMultiCrop(torch.utils.data.Dataset):
         return None, unreadable
 
 
+# what PIL raises for a file that is no image, a damaged one, or a decompression bomb (an image
+# whose header claims billions of pixels: not an OSError)
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def read_rgb(path):
     """An image as 8-bit RGB (grayscale, palette, RGBA and 16-bit converted), or None if unreadable."""
     try:
@@ -670,7 +737,7 @@ def read_rgb(path):
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 im = im.point(lambda v: v / 256).convert("L")
             return im.convert("RGB")
-    except (OSError, ValueError, SyntaxError):
+    except UNREADABLE:
         return None
 
 
@@ -745,14 +812,44 @@ def shard(data: ImageSet, rank: int, world: int) -> ImageSet:
 # 5. Checkpoint files.
 # ------------------------------------------------------------------------------------------------
 
-def save_checkpoint(state: dict, path: Path):
-    """Write atomically: to a temporary file, flushed and fsynced, then renamed over the old one."""
+def checksum(obj) -> str:
+    """SHA-256 of every tensor in a (nested) state, in a fixed order: what load_checkpoint checks."""
+    digest = hashlib.sha256()
+
+    def visit(x):
+        if torch.is_tensor(x):
+            digest.update(str((x.dtype, tuple(x.shape))).encode())
+            digest.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            for key in sorted(x, key=str):
+                digest.update(str(key).encode())
+                visit(x[key])
+        elif isinstance(x, (list, tuple)):
+            for item in x:
+                visit(item)
+
+    visit(obj)
+    return digest.hexdigest()
+
+
+def save_checkpoint(state: dict, path: Path, with_checksum: bool = True):
+    """Write atomically: to a temporary file, flushed and fsynced, then renamed over the old one,
+    with a checksum of the tensors (with_checksum=False for a plain state dict that other code
+    loads strictly). If the write fails (a full disk, say), the temporary file is removed, the
+    previous file stays as it was, and a one-line DinoError says what failed."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({**state, "checksum": checksum(state)} if with_checksum else state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        kept = "the previous file is kept" if path.exists() else "no earlier file exists"
+        raise DinoError(f"could not write {path}: {cause}; {kept}") from None
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -772,11 +869,16 @@ def load_checkpoint(path, map_location="cpu") -> dict:
                         f"as torch.save writes)")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise DinoError(f"{path} holds more than tensors and plain values, so it is not loaded "
                         f"(unpickling it could run code): {str(e).splitlines()[0]}") from None
     except Exception as e:  # a damaged archive can fail in many ways inside torch.load
         raise DinoError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else 'no message'})") from None
+    if isinstance(obj, dict) and "checksum" in obj:
+        stored = obj.pop("checksum")
+        require(stored == checksum(obj), f"{path} does not match its checksum: it was damaged after "
+                                         f"it was written; restore a copy or delete it to start afresh")
+    return obj
 

@@ -53,8 +53,8 @@ from knn_eval import extract_features, knn_accuracy
 #       a flag, checked against its `valid` rule; preset_for() swaps in sizes for small images.
 
 def flag(default, help: str, valid=None):
-    """A Config field: its default, its --help text, and the values it accepts (VALID's rules, a
-    tuple of choices, or None for any)."""
+    """A Config field: its default, its --help text, and the values it accepts (a rule of
+    data.RULES, a tuple of choices, or None for any)."""
     return field(default=default, metadata={"help": help, "valid": valid})
 
 
@@ -624,7 +624,9 @@ def silent(*_, **__):
 
 
 MODEL_FIELDS = ("arch", "patch_size", "out_dim", "hidden_dim", "bottleneck_dim",
-                "norm_last_layer", "use_bn_in_head", "global_crops_size")
+                "norm_last_layer", "use_bn_in_head", "global_crops_size")  # a resume must keep these
+RUN_FIELDS = ("output_dir", "device", "num_workers", "save_every", "knn_every", "compile",
+              "time_limit", "strict_data", "epochs")  # free to change on a resume
 
 
 # Warm start (--init_from). Both heads normalise the last layer's rows, W_k = γ_k V_k / ‖V_k‖;
@@ -724,6 +726,8 @@ class Trainer:
         # the first iteration whose loss was not finite (inf: none), kept on the device
         self.first_bad = torch.tensor(math.inf, device=self.device)
         self.stop_requested = self.saved_on_stop = False
+        self.last_saved = None  # (epoch, step) of the checkpoint on disk, once one is
+        self.log = silent
         self.output_dir = Path(cfg.output_dir)
         self.checkpoint_path = self.output_dir / "checkpoint.pth"
         self.record_every = record_every(cfg.epochs * self.steps_per_epoch, cfg.log_every)
@@ -769,7 +773,7 @@ class Trainer:
         interruption would). on_step(iteration, loss, stats) is called after every step (the
         notebooks record the collapse diagnostics with it). Ctrl-C or SIGTERM finishes the step,
         saves, and raises KeyboardInterrupt; a non-finite loss raises DinoError without saving."""
-        log = log if self.rank == 0 else silent
+        log = self.log = log if self.rank == 0 else silent
         if self.rank == 0:
             self.open_run_files()
         self.started, self.steps_done = time.time(), 0
@@ -891,8 +895,12 @@ class Trainer:
         self.history.append(record)
         self.save(epoch + 1, 0)
         if self.rank == 0:
-            with open(self.output_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.output_dir / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise DinoError(f"could not write {self.output_dir / 'log.jsonl'}: {e.strerror or e}; "
+                                f"{self.checkpoint_path} holds epoch {epoch + 1}") from None
         log(format_record(record))
         warning = collapse_warning(record["teacher_entropy"], record["log_K"])
         if warning:
@@ -983,8 +991,11 @@ class Trainer:
     def check_finite(self):
         """Raise if a loss so far was not finite (a host-device sync: call it on a cadence)."""
         bad = -float(all_reduce_max(-self.first_bad))  # the earliest over the processes
-        kept = (f"{self.checkpoint_path} still holds the last good state"
-                if self.checkpoint_path.exists() else "no checkpoint was written yet")
+        kept = "no checkpoint was written yet"
+        if self.last_saved is not None:  # saved after a check like this one, or resumed from
+            epoch, step = self.last_saved  # epochs done, steps into the next
+            where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
+            kept = f"{self.checkpoint_path} holds the last good state ({where})"
         if math.isfinite(bad):
             epoch, step = divmod(int(bad), self.steps_per_epoch)
             raise DinoError(f"the loss became NaN or infinite at epoch {epoch + 1}, step {step} "
@@ -1016,11 +1027,20 @@ class Trainer:
 
     def save(self, epoch, step=0):
         """Check that the state is finite, then write it (first process only, atomically).
-        Every process calls this: the state gathers sums and file names from all of them."""
+        Every process calls this: the state gathers sums and file names from all of them. A save
+        inside an epoch that fails (a full disk) is reported and training goes on; at the end of
+        an epoch it stops the run, the previous checkpoint intact."""
         self.check_finite()
         state = self.state(epoch, step)
         if self.rank == 0:
-            data.save_checkpoint(state, self.checkpoint_path)
+            try:
+                data.save_checkpoint(state, self.checkpoint_path)
+            except DinoError as e:
+                if not step:
+                    raise
+                self.log(f"warning: {e}; training goes on and tries again at the next save")
+                return
+        self.last_saved = (epoch, step)
 
     def resume(self, log=print):
         if not self.checkpoint_path.exists():
@@ -1038,11 +1058,18 @@ class Trainer:
         require(not step or saved_batch == self.world * self.cfg.batch_size,
                 f"{self.checkpoint_path} stopped inside an epoch with a global batch of "
                 f"{saved_batch}; resume with the same --batch_size and number of processes")
+        ours = config_to_dict(self.cfg)
+        changed = [f"{k} {saved[k]} → {ours[k]}" for k in ours
+                   if k in saved and k not in MODEL_FIELDS + RUN_FIELDS and saved[k] != ours[k]]
+        if changed and self.rank == 0:
+            log(f"warning: resumed with changed settings: {'; '.join(changed)} (the checkpoint's "
+                f"values are replaced by these)")
         self.student.load_state_dict(ck["student"])
         self.teacher.load_state_dict(ck["teacher"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.center = ck["center"].to(self.device)
         self.start_epoch, self.start_step = ck["epoch"], step
+        self.last_saved = (self.start_epoch, step)
         self.history = list(ck.get("history", []))
         if "progress" in ck:
             p = ck["progress"]
@@ -1133,28 +1160,10 @@ def make_config(explicit: dict, image_size: int, name: str) -> Config:
     return cfg
 
 
-VALID = {  # the rules a Config field's `valid` names
-    ">0": (lambda v: v > 0, "must be positive"),
-    ">=0": (lambda v: v >= 0, "must be at least 0"),
-    ">=1": (lambda v: v >= 1, "must be at least 1"),
-    ">=2": (lambda v: v >= 2, "must be at least 2"),
-    "[0,1]": (lambda v: 0 <= v <= 1, "must be between 0 and 1"),
-    "[0,1)": (lambda v: 0 <= v < 1, "must be at least 0 and below 1"),
-    "scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "must satisfy 0 < MIN <= MAX <= 1"),
-    "file": (lambda v: not v or Path(v).is_file(), "must name an existing file"),
-}
-
-
 def validate(cfg: Config):
     """A one-line error naming the flag for every value out of its field's range."""
     for f in dataclasses.fields(Config):
-        valid, value = f.metadata["valid"], getattr(cfg, f.name)
-        shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
-        if isinstance(valid, tuple):
-            require(value in valid, f"--{f.name} {shown} is unknown; choose one of {', '.join(valid)}")
-        elif valid is not None:
-            ok, rule = VALID[valid]
-            require(ok(value), f"--{f.name} {rule}, got {shown}")
+        data.check_flag(f.name, getattr(cfg, f.name), f.metadata["valid"])
     for name in ("global_crops_size", "local_crops_size"):
         size = getattr(cfg, name)
         require(size % cfg.patch_size == 0,
@@ -1219,6 +1228,7 @@ def main(argv=None):
 
 def run(cfg: Config, say) -> int:
     _, world = rank_and_world()
+    data.writable_folder(cfg.output_dir, "--output_dir")  # before any work, not after an epoch
     name, train_set, eval_set = data.load_data(cfg.data, strict=cfg.strict_data)
     require(len(train_set) >= cfg.batch_size * world,
             f"the training split has {len(train_set)} images, fewer than --batch_size "
@@ -1243,6 +1253,11 @@ def run(cfg: Config, say) -> int:
         say(f"warning: {len(train_set.unreadable)} unreadable image(s) left out (named in "
             f"log.jsonl): {', '.join(train_set.unreadable[:5])}"
             + (" ..." if len(train_set.unreadable) > 5 else ""))
+    for flag, what in (("warmup_epochs", "the learning rate never reaches its peak"),
+                       ("freeze_last_layer", "the head's last layer never trains")):
+        if getattr(cfg, flag) >= cfg.epochs:
+            say(f"warning: --{flag} {getattr(cfg, flag)} covers the whole run of {cfg.epochs} "
+                f"epoch(s): {what}; lower it or raise --epochs")
     if not trainer.resume(log=say) and cfg.init_from:
         trainer.warm_start(log=say)
     if trainer.start_epoch >= cfg.epochs:

@@ -314,19 +314,16 @@ def build_parser():
     return parser
 
 
+FLAG_RULES = dict(k=">=1", temperature=">0", batch_size=">=1", chunk_size=">=1", image_size=">=0",
+                  n_last_blocks=">=1", epochs=">=1", lr=">0", probe_batch_size=">=1")
+
+
 def validate(args):
-    checks = [(all(k >= 1 for k in args.k), f"--k must be at least 1, got {args.k}"),
-              (args.temperature > 0, f"--temperature must be positive, got {args.temperature}"),
-              (args.batch_size >= 1, f"--batch_size must be at least 1, got {args.batch_size}"),
-              (args.chunk_size >= 1, f"--chunk_size must be at least 1, got {args.chunk_size}"),
-              (args.image_size >= 0, f"--image_size must be positive, got {args.image_size}"),
-              (args.n_last_blocks >= 1, f"--n_last_blocks must be at least 1, got {args.n_last_blocks}"),
-              (args.epochs >= 1, f"--epochs must be at least 1, got {args.epochs}"),
-              (args.lr > 0, f"--lr must be positive, got {args.lr}"),
-              (args.probe_batch_size >= 1,
-               f"--probe_batch_size must be at least 1, got {args.probe_batch_size}")]
-    for ok, message in checks:
-        require(ok, message)
+    """One-line errors for bad flags, before any work (data.RULES, as dino.py's Config uses)."""
+    for name, rule in FLAG_RULES.items():
+        if getattr(args, name) is not None:  # None: a default that depends on the command
+            data.check_flag(name, getattr(args, name), rule)
+    data.resolve_device(args.device)
     require(not (args.embed and args.export), "--embed and --export are two commands; give one")
     command = "--embed" if args.embed else "--export" if args.export else None
     if command:
@@ -336,6 +333,9 @@ def validate(args):
                 f"--linear and --save_features belong to the k-NN evaluation, not to {command}")
     require(args.checkpoint or args.pretrained or args.raw_pixels or args.load_features,
             "nothing to evaluate: give --checkpoint, --pretrained, --raw_pixels or --load_features")
+    for flag, path in (("--save_features", args.save_features), ("--out", args.out), ("--export", args.export)):
+        if path:  # the features take minutes to extract: fail before, not after
+            data.writable_file(path, flag)
 
 
 def load_weights(args) -> vit.VisionTransformer:
@@ -462,7 +462,7 @@ def export(args, log):
     state = dict(backbone.state_dict())  # plain: the name → tensor table and nothing else
     path = Path(args.export)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data.save_checkpoint(state, path)
+    data.save_checkpoint(state, path, with_checksum=False)  # the plain layout other code loads strictly
     millions = sum(v.numel() for v in state.values()) / 1e6
     which = f"the {args.weights} backbone of {args.checkpoint}" if args.checkpoint else args.pretrained
     log(f"wrote {which} ({vit.describe(backbone)} trained at {backbone.img_size} px, "
@@ -500,7 +500,7 @@ def main(argv=None, log=print):
     else:
         features = compute_features(args, device, log)
         if args.save_features:
-            torch.save(features, args.save_features)
+            data.save_checkpoint(features, Path(args.save_features))
             log(f"features saved to {args.save_features}")
     t_features = time.time() - started
 
@@ -508,13 +508,17 @@ def main(argv=None, log=print):
     train_y, test_y = features["train_labels"], features["test_labels"]
     num_classes = len(features["classes"])
     t0 = time.time()
-    results = knn_sweep(train_f, train_y, test_f, test_y, args.k, args.temperature, num_classes,
+    ks = list(dict.fromkeys(min(k, len(train_y)) for k in args.k))  # a vote has at most every training image
+    if max(args.k) > len(train_y):
+        log(f"k = {len(train_y)} (the training split has {len(train_y)} images, fewer than --k "
+            f"{max(args.k)})")
+    results = knn_sweep(train_f, train_y, test_f, test_y, ks, args.temperature, num_classes,
                         args.chunk_size)
     t_knn = time.time() - t0
     log(f"weighted k-NN on {train_f.shape[1]}-d features, T = {args.temperature}, cosine similarity: "
         f"{len(train_y)} training, {len(test_y)} test images, {num_classes} classes")
     log(f"{'k':>5}  {'top-1':>7}  {'top-5':>7}")
-    for k in args.k:
+    for k in ks:
         log(f"{k:>5}  {results[k][0]:>7.2f}  {results[k][1]:>7.2f}")
 
     t_probe = 0.0
@@ -533,7 +537,7 @@ def main(argv=None, log=print):
         + f", total {time.time() - started:.1f} s on {device} | {data.peak_memory(device)}")
     if args.linear:
         log(f"linear top1={top1:.2f}")
-    k = 20 if 20 in args.k else args.k[0]
+    k = min(20 if 20 in args.k else args.k[0], len(train_y))  # the headline k, as run
     log(f"knn top1@{k}={results[k][0]:.2f}")
     return 0
 

@@ -490,13 +490,12 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    checks = [("samples", lambda v: v >= 1, "must be at least 1"),
-              ("share", lambda v: 0 < v < 1, "must be between 0 and 1"),
-              ("image_size", lambda v: v >= 0, "must be at least 0"),
-              ("num_heads", lambda v: v is None or v >= 1, "must be at least 1"),
-              ("index", lambda v: v >= 0, "must be at least 0")]
-    for name, ok, rule in checks:
-        require(name not in args or ok(getattr(args, name)), f"--{name} {rule}, got {getattr(args, name, '')}")
+    rules = dict(samples=">=1", share="(0,1)", image_size=">=0", num_heads=">=1", index=">=0")
+    for name, rule in rules.items():  # data.RULES, as dino.py's and knn_eval.py's flags use
+        if getattr(args, name, None) is not None:
+            data.check_flag(name, getattr(args, name), rule)
+    if getattr(args, "out", None):  # before any model or data is loaded
+        data.writable_folder(args.out, "--out")
     run = {"attention": run_attention, "pca": run_pca, "curves": run_curves, "views": run_views,
            "readme-figures": run_readme_figures}[args.command]
     for path in run(args):

@@ -144,7 +144,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_pa
     result = launch(*RESUME, "--data", str(folder), "--output_dir", str(tmp_path),
                     DINO_TEST_NAN_AT=7)
     message = one_line_error(result)
-    assert "iteration 7" in message and "--lr" in message and "still holds the last good" in message
+    assert "iteration 7" in message and "--lr" in message and "checkpoint.pth holds the last good state (epoch 1, step 6)" in message
     ck = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert (ck["epoch"], ck["step"]) == (0, 6)  # the save at the end of epoch 1 was refused
     assert all(t.isfinite().all() for t in ck["student"].values())

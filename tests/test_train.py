@@ -95,7 +95,7 @@ def test_bad_data_folders_give_one_line_errors(tmp_path):
     (corrupt / "train" / "cat").mkdir(parents=True)
     for i in range(3):
         (corrupt / "train" / "cat" / f"{i}.jpg").write_bytes(b"not a jpeg at all")
-    for folder, message in [(empty, "no train/ folder"), (no_images, "no images found"),
+    for folder, message in [(empty, "no train/ folder"), (no_images, "train/cat holds no images"),
                             (corrupt, "could be read")]:
         result = run_cli("--data", str(folder), *FAST)
         lines = [l for l in result.stderr.splitlines() if l.strip()]
