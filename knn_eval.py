@@ -441,8 +441,7 @@ def embed(args, device, log):
     out["unreadable"] = list(images.unreadable) + [images.files[i] for i in dropped]
     if data.has_labels(images):
         out.update(labels=images.labels[index], classes=list(images.classes))
-    path = Path(args.out or f"embeddings_{name}.pth")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(args.out or f"embeddings_{name}.pth")  # validate() made and probed its folder
     data.save_checkpoint(out, path)
     seconds = time.time() - started
     if out["unreadable"]:
@@ -460,8 +459,7 @@ def export(args, log):
     vit.load_backbone, hubconf.from_file and timm's VisionTransformer load strictly."""
     backbone = load_weights(args)
     state = dict(backbone.state_dict())  # plain: the name → tensor table and nothing else
-    path = Path(args.export)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(args.export)  # validate() made and probed its folder
     data.save_checkpoint(state, path, with_checksum=False)  # the plain layout other code loads strictly
     millions = sum(v.numel() for v in state.values()) / 1e6
     which = f"the {args.weights} backbone of {args.checkpoint}" if args.checkpoint else args.pretrained
