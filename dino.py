@@ -19,9 +19,11 @@ Run `python dino.py` (built-in data, ~4 min on a laptop CPU) or `python dino.py 
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import functools
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -98,6 +100,9 @@ class Config:
     optimizer: str = flag("adamw", "optimizer of the student", ("adamw", "sgd"))
     batch_size: int = flag(64, "images per step (per process)", ">=1")
     epochs: int = flag(100, "training epochs", ">=1")
+    steps: int = flag(0, "length of the run in iterations (0 = epochs x iterations per epoch); the "
+                         "schedules are laid over it, each of their epochs steps/epochs long. "
+                         "--time_limit sets it from the speed measured at the start", ">=0")
     lr: float = flag(0.0005, "peak learning rate at batch 256; scaled linearly with the batch", ">0")
     min_lr: float = flag(1e-6, "learning rate at the end of the cosine decay", ">=0")
     warmup_epochs: int = flag(10, "epochs of linear lr warm-up from 0", ">=0")
@@ -117,7 +122,10 @@ class Config:
     knn_every: int = flag(0, "run the k-NN monitor every N epochs (0 = only at the end)", ">=0")
     precision: str = flag("auto", "auto is bf16 autocast on CUDA, fp32 on CPU", ("auto", "bf16", "fp32"))
     compile: bool = flag(False, "torch.compile the networks (the first steps are slow while it compiles)")
-    time_limit: float = flag(0.0, "stop after this many minutes, at an epoch boundary (0 = no limit)", ">=0")
+    time_limit: float = flag(0.0, "minutes of training (0 = no limit): a fresh run measures its speed, "
+                                  "sets --steps to what fits, and lays the schedules over those steps; "
+                                  "training stops at the limit in any case. Evaluation comes on top",
+                             ">=0")
     init_from: str = flag("", "start from a backbone or full checkpoint (README: Warm start)", "file")
     log_every: int = flag(0, "a record in steps.jsonl every N steps (0 = at least 100 per run)", ">=0")
     tensorboard: bool = flag(False, "step records also to OUTPUT_DIR/tensorboard (pip install tensorboard)")
@@ -236,17 +244,16 @@ def update_teacher(teacher, student, momentum):
 
 # -- 5. Schedules: arrays indexed by the iteration (τ_t by the epoch), as the authors precompute them.
 
-def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0, start_warmup=0.0):
+def cosine_schedule(base, final, total_steps, warmup_steps=0, start_warmup=0.0):
     """The authors' utils.cosine_scheduler: a linear warm-up from start_warmup that reaches base
     at its last step, then a cosine from base towards final; one value per iteration."""
-    total = epochs * steps_per_epoch
-    warmup = torch.linspace(start_warmup, base, warmup_epochs * steps_per_epoch, dtype=torch.float64)
-    N = max(total - len(warmup), 0)  # iterations on the cosine
+    warmup = torch.linspace(start_warmup, base, warmup_steps, dtype=torch.float64)
+    N = max(total_steps - len(warmup), 0)  # iterations on the cosine
     i = torch.arange(N, dtype=torch.float64)
     # $$v_i = v_{final} + \tfrac{1}{2}(v_{base} - v_{final})\big(1 + \cos(\pi i / N)\big), \quad i = 0 \dots N-1$$
     # (as the authors: the last value falls just short of v_final)
     cosine = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * i / max(N, 1)))
-    return torch.cat([warmup, cosine])[:total]  # a warm-up longer than the run is cut
+    return torch.cat([warmup, cosine])[:total_steps]  # a warm-up longer than the run is cut
 
 
 def teacher_temp_schedule(cfg: Config):
@@ -258,14 +265,20 @@ def teacher_temp_schedule(cfg: Config):
 
 
 def schedules(cfg: Config, steps_per_epoch: int, world_size: int = 1) -> dict:
+    """Every schedule as one value per iteration, over the run's T iterations. The epochs of the
+    schedules are L = T / epochs iterations long: the data's epochs, unless --steps (or
+    --time_limit) sets T, which stretches or squeezes the whole plan, warm-ups included, onto T."""
+    T = cfg.steps or cfg.epochs * steps_per_epoch
+    L = T / cfg.epochs
     # linear scaling rule: $$lr = lr_{base} \cdot \frac{\text{total batch}}{256}$$
     peak_lr = cfg.lr * cfg.batch_size * world_size / 256
+    epoch = (torch.arange(T) / L).floor().long().clamp(max=cfg.epochs - 1)  # each iteration's
     return {
-        "lr": cosine_schedule(peak_lr, cfg.min_lr, cfg.epochs, steps_per_epoch, cfg.warmup_epochs),
-        "wd": cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, steps_per_epoch),
-        "momentum": cosine_schedule(cfg.momentum_teacher, cfg.momentum_teacher_end, cfg.epochs,
-                                    steps_per_epoch),  # λ
-        "teacher_temp": teacher_temp_schedule(cfg),  # τ_t, per epoch
+        "lr": cosine_schedule(peak_lr, cfg.min_lr, T, round(cfg.warmup_epochs * L)),
+        "wd": cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, T),
+        "momentum": cosine_schedule(cfg.momentum_teacher, cfg.momentum_teacher_end, T),  # λ
+        "teacher_temp": teacher_temp_schedule(cfg)[epoch],  # τ_t, constant within an epoch
+        "freeze_last_layer": epoch < cfg.freeze_last_layer,
     }
 
 
@@ -382,6 +395,14 @@ def train_step(student, teacher, center, views, optimizer, cfg: Config, at: dict
     if cfg.centering:
         center = update_center(center, teacher_out, cfg.center_momentum)
     return loss.detach(), stats, center
+
+
+def make_optimizer(cfg: Config, student):
+    if cfg.optimizer == "adamw":
+        # fused: one kernel for all parameters, on GPUs and (from torch 2.4) CPUs alike, where
+        # it is 3x faster than the per-tensor loop (0.5 against 1.6 ms for the shapes model)
+        return torch.optim.AdamW(param_groups(student), fused=True)
+    return torch.optim.SGD(param_groups(student), lr=0, momentum=0.9)
 
 
 def param_groups(model):
@@ -711,27 +732,30 @@ class Trainer:
         # what train_step calls: the networks, under DDP, torch.compile and bf16 where asked
         self.student_fn = self.wrapped(self.student, ddp=self.world > 1)
         self.teacher_fn = self.wrapped(self.teacher, ddp=False)
-        if cfg.optimizer == "adamw":
-            # fused: one kernel for all parameters, on GPUs and (from torch 2.4) CPUs alike, where
-            # it is 3x faster than the per-tensor loop (0.5 against 1.6 ms for the shapes model)
-            self.optimizer = torch.optim.AdamW(param_groups(self.student), fused=True)
-        else:
-            self.optimizer = torch.optim.SGD(param_groups(self.student), lr=0, momentum=0.9)
+        self.optimizer = make_optimizer(cfg, self.student)
         self.center = torch.zeros(1, cfg.out_dim, device=self.device)  # c
         self.steps_per_epoch = len(train_set) // (cfg.batch_size * self.world)
-        self.schedule = schedules(cfg, self.steps_per_epoch, self.world)
+        self.plan(cfg.steps)
         self.start_epoch, self.start_step = 0, 0
         self.history = []
         self.progress = self.fresh_progress(0)  # the running sums of the epoch in progress
         # the first iteration whose loss was not finite (inf: none), kept on the device
         self.first_bad = torch.tensor(math.inf, device=self.device)
         self.stop_requested = self.saved_on_stop = False
+        self.stopped_at = None  # the step an epoch stopped at when --time_limit ran out
         self.last_saved = None  # (epoch, step) of the checkpoint on disk, once one is
         self.log = silent
         self.output_dir = Path(cfg.output_dir)
         self.checkpoint_path = self.output_dir / "checkpoint.pth"
-        self.record_every = record_every(cfg.epochs * self.steps_per_epoch, cfg.log_every)
         self.writer = None  # TensorBoard's, with --tensorboard
+
+    def plan(self, steps: int):
+        """The run's length T (0: epochs x steps per epoch) and its schedules, laid over T."""
+        self.cfg.steps = steps
+        self.schedule = schedules(self.cfg, self.steps_per_epoch, self.world)
+        self.total_steps = len(self.schedule["lr"])  # T
+        self.epochs_to_run = math.ceil(self.total_steps / self.steps_per_epoch)  # the last may be cut
+        self.record_every = record_every(self.total_steps, self.cfg.log_every)
 
     def wrapped(self, network, ddp: bool):
         if ddp:
@@ -744,11 +768,7 @@ class Trainer:
     # -- one step ---------------------------------------------------------------------------------
     def scheduled(self, iteration: int) -> dict:
         """The schedules' values at one iteration, as train_step takes them."""
-        epoch = iteration // self.steps_per_epoch
-        return dict(lr=float(self.schedule["lr"][iteration]), wd=float(self.schedule["wd"][iteration]),
-                    momentum=float(self.schedule["momentum"][iteration]),
-                    teacher_temp=float(self.schedule["teacher_temp"][epoch]),
-                    freeze_last_layer=epoch < self.cfg.freeze_last_layer)
+        return {name: values[iteration].item() for name, values in self.schedule.items()}
 
     def step(self, views, iteration: int):
         """train_step at one iteration of the run; returns (loss, stats) as device tensors."""
@@ -769,17 +789,20 @@ class Trainer:
                 "n": 0, "unreadable": list(self.train_set.unreadable) if epoch == 0 else []}
 
     def fit(self, log=print, stop_after=None, on_step=None):
-        """Train from where the run stands to cfg.epochs (or to epoch stop_after, as an
-        interruption would). on_step(iteration, loss, stats) is called after every step (the
+        """Train from where the run stands to the run's last step T (or to epoch stop_after, as
+        an interruption would); with --time_limit and no --steps, measure the speed first and
+        set T to what fits. on_step(iteration, loss, stats) is called after every step (the
         notebooks record the collapse diagnostics with it). Ctrl-C or SIGTERM finishes the step,
         saves, and raises KeyboardInterrupt; a non-finite loss raises DinoError without saving."""
         log = self.log = log if self.rank == 0 else silent
+        self.started, self.steps_done, self.eval_seconds = time.time(), 0, 0.0
+        if self.cfg.time_limit and not self.cfg.steps and (self.start_epoch, self.start_step) == (0, 0):
+            self.fit_to_time_limit(log)
         if self.rank == 0:
             self.open_run_files()
-        self.started, self.steps_done = time.time(), 0
         try:
             with self.stop_on_signals():
-                for epoch in range(self.start_epoch, stop_after or self.cfg.epochs):
+                for epoch in range(self.start_epoch, stop_after or self.epochs_to_run):
                     first = self.start_step if epoch == self.start_epoch else 0
                     seconds = self.run_epoch(epoch, first, log, on_step)
                     if self.end_epoch(epoch, seconds, log):
@@ -788,6 +811,32 @@ class Trainer:
             if self.writer is not None:
                 self.writer.close()
         return self.history
+
+    def fit_to_time_limit(self, log, warmup=2, timed=6):
+        """--time_limit: time a few steps of a throwaway copy of the networks and optimizer, then
+        plan T, the steps that fit in the minutes left (less 5 % for saves and records), and lay
+        the schedules over them. The run itself starts from its untouched step 0."""
+        student, teacher = copy.deepcopy(self.student), copy.deepcopy(self.teacher)
+        optimizer = make_optimizer(self.cfg, student)
+        student_fn, teacher_fn = self.wrapped(student, ddp=self.world > 1), self.wrapped(teacher, ddp=False)
+        center, at = self.center.clone(), self.scheduled(0)
+        views = itertools.chain.from_iterable(  # epochs 0, 1, ... of the data, for tiny data sets
+            train_batches(self.train_set, self.cfg, e, self.device, 0, self.rank, self.world)
+            for e in itertools.count())
+        for i, (v, _) in enumerate(itertools.islice(views, warmup + timed)):
+            if i == warmup:
+                t0 = time.time()
+            loss, _, center = train_step(student_fn, teacher_fn, center, v, optimizer, self.cfg, at)
+            loss.item()  # wait for the device
+        per_step = float(all_reduce_max(torch.tensor((time.time() - t0) / timed, device=self.device)))
+        left = 60 * self.cfg.time_limit - self.training_seconds()
+        steps = int(0.95 * left / per_step)
+        require(steps >= 1, f"--time_limit {self.cfg.time_limit} min is shorter than one step here "
+                            f"({per_step:.1f} s); raise it")
+        self.plan(steps)
+        log(f"--time_limit {self.cfg.time_limit:g} min: {per_step:.3f} s/step measured, so {steps} "
+            f"steps ({steps / self.steps_per_epoch:.1f} epochs of the data), the schedules laid over "
+            f"them (--steps {steps})")
 
     def open_run_files(self):
         """The run folder: config.json with the effective values (dino.config_from_dict reads it
@@ -811,9 +860,12 @@ class Trainer:
             self.progress = self.fresh_progress(epoch)
         self.student.train()
         batches = train_batches(self.train_set, cfg, epoch, self.device, first, self.rank, self.world)
-        bar = tqdm(batches, initial=first, total=self.steps_per_epoch, leave=False,
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=self.quiet, dynamic_ncols=True)
+        steps = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+        bar = tqdm(batches, initial=first, total=steps, leave=False,
+                   desc=f"epoch {epoch + 1}/{self.epochs_to_run}", disable=self.quiet, dynamic_ncols=True)
         for step, (views, unreadable) in enumerate(bar, start=first):
+            if step == steps:  # the run's last step T was the previous one
+                break
             if unreadable and cfg.strict_data:
                 raise data.unreadable_error(unreadable[0])
             self.progress["unreadable"] += unreadable
@@ -826,7 +878,15 @@ class Trainer:
             self.report_progress(bar, loss, stats, epoch, step)
             if iteration % self.record_every == 0:
                 self.record_step(iteration, loss, stats)
-            if self.should_stop(step):
+            stop = self.should_stop(step) if step + 1 < steps else None
+            if stop == "time":  # the run ends here, before its planned last step
+                bar.close()
+                self.stopped_at = step + 1
+                log(f"\n--time_limit {cfg.time_limit} min reached at iteration {iteration + 1} of "
+                    f"{self.total_steps}: the schedules did not finish (the machine was slower than "
+                    f"measured at the start); the same command trains the remaining steps")
+                return time.time() - t0
+            if stop == "signal":
                 bar.close()
                 self.save(epoch, step + 1)
                 self.saved_on_stop = True
@@ -872,7 +932,7 @@ class Trainer:
                     self.writer.add_scalar(f"train/{key}", record[key], iteration)
 
     def end_epoch(self, epoch, seconds, log) -> bool:
-        """Record the epoch (log.jsonl, the k-NN monitor when due), save; True when out of time."""
+        """Record the epoch (log.jsonl, the k-NN monitor when due), save; True at the run's end."""
         cfg = self.cfg
         self.check_finite()
         record = self.epoch_record(epoch, seconds)
@@ -881,19 +941,18 @@ class Trainer:
             log(f"warning: skipped {len(files)} unreadable image(s) (named in "
                 f"{self.output_dir / 'log.jsonl'}): {', '.join(files[:5])}"
                 + (" ..." if len(files) > 5 else ""))
-        last = epoch + 1 == cfg.epochs
-        # processes agree on stopping, or the one that carries on would wait for the others
-        out_of_time = bool(all_reduce_max(torch.tensor(
-            float(bool(cfg.time_limit) and time.time() - self.started > 60 * cfg.time_limit),
-            device=self.device)))
+        stopped_at, self.stopped_at = self.stopped_at, None  # a step, when the clock ran out
+        last = epoch + 1 == self.epochs_to_run or stopped_at is not None
         knn_due = cfg.knn_every and (epoch + 1) % cfg.knn_every == 0
-        if self.eval_set is not None and (knn_due or last or out_of_time):
+        if self.eval_set is not None and (knn_due or last):
+            t0 = time.time()
             record["knn_top1"] = self.knn()
+            self.eval_seconds += time.time() - t0  # evaluation does not count against --time_limit
             if self.writer is not None:  # at the epoch's last iteration
                 self.writer.add_scalar("eval/knn_top1", record["knn_top1"],
                                        (epoch + 1) * self.steps_per_epoch - 1)
         self.history.append(record)
-        self.save(epoch + 1, 0)
+        self.save(*((epoch, stopped_at) if stopped_at else (epoch + 1, 0)))
         if self.rank == 0:
             try:
                 with open(self.output_dir / "log.jsonl", "a") as f:
@@ -905,14 +964,12 @@ class Trainer:
         warning = collapse_warning(record["teacher_entropy"], record["log_K"])
         if warning:
             log(warning)
-        if out_of_time and not last:
-            log(f"stopping after epoch {epoch + 1}: --time_limit {cfg.time_limit} min reached")
-        return out_of_time
+        return last
 
     def epoch_record(self, epoch, seconds) -> dict:
         """The epoch's means (over every process) and the schedules' values at its last step."""
         loss, entropy, kl = (all_reduce_mean(self.progress["sums"]) / max(self.progress["n"], 1)).tolist()
-        at = self.scheduled((epoch + 1) * self.steps_per_epoch - 1)
+        at = self.scheduled(min((epoch + 1) * self.steps_per_epoch, self.total_steps) - 1)
         record = dict(epoch=epoch + 1, loss=loss, teacher_entropy=entropy, kl=kl,
                       log_K=math.log(self.cfg.out_dim), center_norm=self.center.norm().item(),
                       lr=at["lr"], wd=at["wd"], momentum=at["momentum"],
@@ -923,7 +980,7 @@ class Trainer:
         return record
 
     def time_estimate(self, seconds_per_step, epoch, step):
-        steps_left = (self.cfg.epochs - epoch) * self.steps_per_epoch - step - 1
+        steps_left = self.total_steps - epoch * self.steps_per_epoch - step - 1
         minutes = seconds_per_step * steps_left / 60
         text = (f"about {seconds_per_step:.2f} s/step: {duration(minutes)} for the remaining "
                 f"{steps_left} steps on {self.device.type}")
@@ -981,12 +1038,17 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
+    def training_seconds(self) -> float:
+        """Seconds this process has trained: since fit() began, less the evaluations."""
+        return time.time() - self.started - self.eval_seconds
+
     def should_stop(self, step):
-        if self.world == 1:
-            return self.stop_requested
-        # processes must agree on the step they stop at: ask them all, every 10 steps
-        return step % 10 == 0 and bool(all_reduce_max(torch.tensor(
-            float(self.stop_requested), device=self.device)))
+        """None, "signal" (Ctrl-C, SIGTERM) or "time" (--time_limit reached)."""
+        wanted = 2 if self.cfg.time_limit and self.training_seconds() > 60 * self.cfg.time_limit else (
+            1 if self.stop_requested else 0)
+        if self.world > 1:  # processes must agree on the step they stop at: ask them all, every 10 steps
+            wanted = int(all_reduce_max(torch.tensor(float(wanted), device=self.device))) if step % 10 == 0 else 0
+        return (None, "signal", "time")[wanted]
 
     def check_finite(self):
         """Raise if a loss so far was not finite (a host-device sync: call it on a cadence)."""
@@ -1058,6 +1120,8 @@ class Trainer:
         require(not step or saved_batch == self.world * self.cfg.batch_size,
                 f"{self.checkpoint_path} stopped inside an epoch with a global batch of "
                 f"{saved_batch}; resume with the same --batch_size and number of processes")
+        if saved.get("steps") and not self.cfg.steps:  # a run whose length --time_limit planned
+            self.plan(saved["steps"])
         ours = config_to_dict(self.cfg)
         changed = [f"{k} {saved[k]} → {ours[k]}" for k in ours
                    if k in saved and k not in MODEL_FIELDS + RUN_FIELDS and saved[k] != ours[k]]
@@ -1078,7 +1142,7 @@ class Trainer:
         torch.set_rng_state(ck["rng"]["torch"])
         if "cuda" in ck["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(ck["rng"]["cuda"], self.device)
-        where = f"epoch {self.start_epoch}/{self.cfg.epochs}" + (
+        where = f"epoch {self.start_epoch}/{self.epochs_to_run}" + (
             f" + {step}/{self.steps_per_epoch} steps" if step else "")
         if self.rank == 0:
             log(f"resumed from {self.checkpoint_path} at {where}"
@@ -1241,7 +1305,9 @@ def run(cfg: Config, say) -> int:
         f"{cfg.patch_size} ({n_params:.1f}M) | K={cfg.out_dim} | 2x{cfg.global_crops_size}px + "
         f"{cfg.local_crops_number}x{cfg.local_crops_size}px views | batch {cfg.batch_size}"
         + (f" x {world} processes" if world > 1 else "")
-        + f" | {cfg.epochs} epochs on {trainer.device}" + (" (bf16 autocast)" if trainer.bf16 else "")
+        + (f" | {cfg.steps} steps" if cfg.steps else f" | {cfg.epochs} epochs")
+        + (f", at most {cfg.time_limit:g} min" if cfg.time_limit else "")
+        + f" on {trainer.device}" + (" (bf16 autocast)" if trainer.bf16 else "")
         + f" | output {cfg.output_dir}")
     if not labelled:
         say(f"no labels: {cfg.data} has no train/<class>/ folders, so DINO trains on every image "
@@ -1260,8 +1326,8 @@ def run(cfg: Config, say) -> int:
                 f"epoch(s): {what}; lower it or raise --epochs")
     if not trainer.resume(log=say) and cfg.init_from:
         trainer.warm_start(log=say)
-    if trainer.start_epoch >= cfg.epochs:
-        say(f"already trained for {cfg.epochs} epochs; raise --epochs to train further")
+    if trainer.start_epoch * trainer.steps_per_epoch + trainer.start_step >= trainer.total_steps:
+        say(f"already trained for {trainer.total_steps} steps; raise --epochs (or --steps) to train further")
     else:
         try:
             trainer.fit(log=say)

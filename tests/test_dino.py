@@ -134,13 +134,13 @@ def test_schedules_equal_the_authors_elementwise(epochs, steps, warmup):
               "momentum": authors_schedule(0.996, 1.0, epochs, steps)}
     for name, expected in oracle.items():
         np.testing.assert_allclose(s[name].numpy(), expected, rtol=1e-7, atol=0, err_msg=name)
-    # τ_t per epoch: np.linspace over its warm-up epochs, then constant
+    # τ_t per epoch (the same for each of its iterations): np.linspace over its warm-up epochs, then constant
     tau = np.concatenate([np.linspace(0.04, 0.07, 2), np.full(epochs - 2, 0.07)])[:epochs]
-    np.testing.assert_allclose(s["teacher_temp"].numpy(), tau, rtol=1e-7, atol=0)
+    np.testing.assert_allclose(s["teacher_temp"].numpy(), np.repeat(tau, steps), rtol=1e-7, atol=0)
 
 
 def test_schedule_landmarks_by_hand():
-    lr = dino.cosine_schedule(1.0, 0.0, epochs=3, steps_per_epoch=2, warmup_epochs=1)
+    lr = dino.cosine_schedule(1.0, 0.0, total_steps=6, warmup_steps=2)
     # warm-up linspace(0, 1, 2) = 0, 1; then 0.5 (1 + cos(π i / 4)) for i = 0 … 3
     c = math.cos(math.pi / 4)
     torch.testing.assert_close(lr, torch.tensor([0.0, 1.0, 1.0, 0.5 * (1 + c), 0.5, 0.5 * (1 - c)],
@@ -148,7 +148,7 @@ def test_schedule_landmarks_by_hand():
 
 
 def test_warmup_longer_than_training_is_cut():
-    lr = dino.cosine_schedule(1.0, 0.0, epochs=1, steps_per_epoch=4, warmup_epochs=10)
+    lr = dino.cosine_schedule(1.0, 0.0, total_steps=4, warmup_steps=40)
     torch.testing.assert_close(lr, torch.linspace(0, 1, 40, dtype=torch.float64)[:4])
 
 
