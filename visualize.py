@@ -17,6 +17,7 @@ Run:  python visualize.py attention --checkpoint runs/shapes/checkpoint.pth   (b
 """
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -294,6 +295,44 @@ def curves_figure(records: list[dict], title: str = "", path=None, steps: list[d
     return save(fig, path)
 
 
+def knn_minutes_figure(runs: dict, baselines: dict = (), title: str = "", path=None) -> Figure:
+    """k-NN top-1 against minutes of training (log.jsonl's epoch seconds, summed; evaluation not
+    counted), one line per run ({label: epoch records}), baselines ({label: top-1}) dashed."""
+    fig = Figure(figsize=(6.4, 4), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    for label, records in runs.items():
+        minutes = itertools.accumulate(r["seconds"] / 60 for r in records)
+        points = [(m, r["knn_top1"]) for m, r in zip(minutes, records) if "knn_top1" in r]
+        require(points, f"{label}: no k-NN in its log.jsonl (dino.py --knn_every N)")
+        ax.plot(*zip(*points), "o-", markersize=4, label=label)
+        ax.annotate(f"{points[-1][1]:.1f}%", points[-1], textcoords="offset points", xytext=(4, -10),
+                    fontsize=8)
+    for (label, top1), color in zip(dict(baselines).items(), ("tab:gray", "tab:red", "tab:purple")):
+        ax.axhline(top1, ls="--", lw=1, color=color, label=f"{label}: {top1:.1f}%")
+    ax.set_xlabel("minutes of training")
+    ax.set_ylabel("weighted k-NN top-1 (%)")
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title or "k-NN accuracy against training time", fontsize=10)
+    return save(fig, path)
+
+
+def run_knn_minutes(args):
+    runs = {Path(run).name: read_log(run) for run in args.run}
+    baselines = {}
+    for text in args.baseline or []:
+        label, _, value = text.rpartition("=")
+        try:
+            baselines[label] = float(value)
+        except ValueError:
+            raise DinoError(f"--baseline {text!r} is not LABEL=PERCENT (e.g. 'raw pixels=45.8')") from None
+    out = Path(args.out) if args.out else Path(args.run[0])
+    path = out / "knn_minutes.png"
+    knn_minutes_figure(runs, baselines, args.title, path=path)
+    return [path]
+
+
 # ------------------------------------------------------------------------------------------------
 # 5. Multi-crop views: the augmentation pipeline made visible.
 # ------------------------------------------------------------------------------------------------
@@ -472,6 +511,14 @@ def build_parser():
                                            "and steps.jsonl")
     p.add_argument("--run", required=True, help="the --output_dir of a dino.py run")
     p.add_argument("--out", help="output folder (default: the run folder)")
+    p = commands.add_parser("knn-minutes", help="k-NN top-1 against minutes of training, from "
+                                                "log.jsonl, beside baselines")
+    p.add_argument("--run", action="append", required=True, help="the --output_dir of a dino.py "
+                                                                 "run with --knn_every; repeat for several")
+    p.add_argument("--baseline", action="append", help="LABEL=PERCENT drawn as a dashed line, e.g. "
+                                                       "'raw pixels=45.8'; repeat for several")
+    p.add_argument("--title", default="")
+    p.add_argument("--out", help="output folder (default: the first run folder)")
     p = commands.add_parser("views", help="one image and its multi-crop views")
     p.add_argument("--data", help="as dino.py --data (default: a built-in shapes sample)")
     p.add_argument("--image", help="one image file instead of --data")
@@ -497,6 +544,7 @@ def main(argv=None):
     if getattr(args, "out", None):  # before any model or data is loaded
         data.writable_folder(args.out, "--out")
     run = {"attention": run_attention, "pca": run_pca, "curves": run_curves, "views": run_views,
+           "knn-minutes": run_knn_minutes,
            "readme-figures": run_readme_figures}[args.command]
     for path in run(args):
         print(f"wrote {path}")

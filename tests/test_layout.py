@@ -117,9 +117,11 @@ def test_help_shows_the_values_the_run_will_use(tmp_path):
     cifar = tmp_path / "cifar10"
     (cifar / "cifar-10-batches-py").mkdir(parents=True)
     text = help_text(["--data", str(cifar), "--device", "cpu"])
-    assert "backbone (default: vit_tiny; paper: vit_small)" in text
-    assert "images per step (per process) (default: 256; paper: 64)" in text
+    # on a CPU, CIFAR-10 gets the one-hour recipe (tests/test_time_limit.py pins both recipes)
+    assert f"backbone (default: {dino.CPU_RECIPE['arch']}; paper: vit_small)" in text
+    assert f"images per step (per process) (default: {dino.CPU_RECIPE['batch_size']}" in text
     assert "ViT patch size p in pixels (default: 4; paper: 16)" in text
+    assert "(default: 60; paper: 0.0)" in text  # --time_limit
 
 
 def test_the_parsed_config_is_the_preset_under_the_flags_given():

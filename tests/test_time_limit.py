@@ -4,6 +4,7 @@ its schedules end at its last step, and the clock stops a run that turns out slo
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -57,15 +58,17 @@ def test_steps_equal_to_the_epochs_change_nothing():
 def test_time_limit_plans_the_steps_and_the_schedules_end_at_the_last(tmp_path, monkeypatch):
     """Acceptance 3 of issue 17: the run measures its speed, sets T, trains exactly T steps and
     its schedules end there: lr at the end of its cosine (min_lr), λ at 1, τ_t at its final value.
-    (The clock's guard is off here: on a busy machine it would stop the run early; next test.)"""
-    cfg = tiny(tmp_path, time_limit=0.08)  # 4.8 s
+    The speed is set (0.05 s/step) and the clock's guard is off, so that a busy machine changes
+    nothing here; the measurement itself is timed in the next test, the guard in the one after."""
+    cfg = tiny(tmp_path, time_limit=0.03, epochs=40)  # 1.8 s: 0.95 x 1.8 / 0.05 = 34 steps (< 40 epochs)
     shapes = data.make_shapes(64, seed=0, size=32)
     trainer = dino.Trainer(cfg, shapes, None, quiet=True)
+    monkeypatch.setattr(trainer, "seconds_per_step", lambda: 0.05)
     monkeypatch.setattr(trainer, "should_stop", lambda step: None)
     trained = []
     trainer.fit(log=lambda *_: None, on_step=lambda i, loss, stats: trained.append(i))
     T = cfg.steps
-    assert T >= 2 and T != cfg.epochs * trainer.steps_per_epoch  # planned, not the epochs' length
+    assert T in (33, 34) and T != cfg.epochs * trainer.steps_per_epoch  # planned, not the epochs' length
     assert trained == list(range(T)) and trainer.total_steps == T
     records = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
     last = records[-1]
@@ -78,9 +81,37 @@ def test_time_limit_plans_the_steps_and_the_schedules_end_at_the_last(tmp_path, 
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["steps"] == T  # so a resume keeps the same plan
     # the same command again: resumes the planned run, which is done
-    again = dino.Trainer(tiny(tmp_path, time_limit=0.08), shapes, None, quiet=True)
+    again = dino.Trainer(tiny(tmp_path, time_limit=0.03, epochs=40), shapes, None, quiet=True)
     assert again.resume(log=lambda *_: None)
     assert again.total_steps == T and again.cfg.steps == T
+
+
+def test_a_time_limit_never_makes_a_run_longer_than_its_epochs(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path, time_limit=0.03, epochs=2)  # 34 steps would fit; 2 epochs are 8
+    trainer = dino.Trainer(cfg, data.make_shapes(64, seed=0, size=32), None, quiet=True)
+    monkeypatch.setattr(trainer, "seconds_per_step", lambda: 0.05)
+    said = []
+    trainer.fit(log=said.append)
+    assert trainer.total_steps == 8 == 2 * trainer.steps_per_epoch
+    assert any("all 2 epochs fit (8 steps" in line for line in said)
+
+
+def test_the_measured_speed_is_the_speed_of_a_step(tmp_path):
+    """seconds_per_step times steps of throwaway networks: about what the run's own steps take
+    (within a factor of 3, for a busy machine), and the run's networks stay untouched."""
+    cfg = tiny(tmp_path)
+    shapes = data.make_shapes(64, seed=0, size=32)
+    trainer = dino.Trainer(cfg, shapes, None, quiet=True)
+    before = [p.clone() for p in trainer.student.parameters()]
+    measured = trainer.seconds_per_step()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
+    views = next(dino.train_batches(shapes, cfg, 0, trainer.device))[0]
+    trainer.step(views, 0)  # warm
+    t0 = time.time()
+    for i in range(1, 6):
+        trainer.step(views, i)[0].item()
+    actual = (time.time() - t0) / 5
+    assert actual / 3 < measured < actual * 3
 
 
 def test_the_clock_stops_a_run_that_is_slower_than_planned(tmp_path):
@@ -96,3 +127,33 @@ def test_the_clock_stops_a_run_that_is_slower_than_planned(tmp_path):
     assert 0 < done < 100_000
     assert any("--time_limit 0.03 min reached" in line for line in said)
     assert trainer.training_seconds() < 0.03 * 60 + 5
+
+
+# -- which recipe each device gets (issue 17, acceptance 2) ------------------------------------------
+
+GPU_RECIPE = dict(patch_size=4, global_crops_size=32, local_crops_size=16, arch="vit_tiny",
+                  out_dim=4096, hidden_dim=2048, bottleneck_dim=256, local_crops_number=6,
+                  batch_size=512, epochs=100)
+
+
+def test_a_gpu_keeps_the_gpu_recipe_and_a_cpu_gets_the_time_budget():
+    gpu = dino.preset_for(32, "cifar10", gpu=True)
+    assert {k: gpu[k] for k in GPU_RECIPE} == GPU_RECIPE
+    assert "time_limit" not in gpu and "precision" not in gpu  # no limit, bf16 by --precision auto
+    cpu = dino.preset_for(32, "cifar10", gpu=False)
+    assert cpu["time_limit"] == 60 and cpu == {**cpu, **dino.CPU_RECIPE}
+    assert dino.preset_for(48, "my_images", gpu=False)["time_limit"] == 60  # any small-image folder
+    assert dino.preset_for(224, "imagenet", gpu=False) == {}  # photos: the paper's values
+    for gpu in (False, True):  # the built-in set keeps its 4-minute preset on both
+        shapes = dino.preset_for(32, "shapes", gpu=gpu)
+        assert "time_limit" not in shapes and shapes["epochs"] == 4
+
+
+def test_the_cpu_note_names_the_flags_of_the_full_recipe():
+    """The flags the start line prints turn the CPU recipe back into the full one."""
+    note = dino.cpu_recipe_note(32, "cifar10")
+    flags = note.split("The full recipe: ")[1].split()
+    cpu_defaults = dino.config_from_dict(dino.preset_for(32, "cifar10", gpu=False))
+    parsed = vars(dino.build_parser(cpu_defaults).parse_args(flags))
+    full = dino.config_from_dict({**dino.preset_for(32, "cifar10", budget=False)})
+    assert dino.config_from_dict(parsed) == full
