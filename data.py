@@ -156,6 +156,8 @@ class ImageSet:
     images: torch.Tensor | None = None    # (N, 3, H, W) uint8, when held in memory
     files: list | None = None             # paths, when read from a folder (kept when held in memory)
     unreadable: list = field(default_factory=list)  # files that could not be read
+    masks: torch.Tensor | None = None     # (N, H, W) bool, True on the foreground, when known and in memory
+    mask_files: list | None = None        # one mask file per image file (MASKS_FOLDER), when known
 
     def __len__(self):
         return len(self.labels)
@@ -205,6 +207,31 @@ def make_shapes(n: int, seed: int, size: int = 32, gray: bool = True) -> ImageSe
                     images=torch.cat([p[0] for p in parts]))
 
 
+def draw_lattice(label: torch.Tensor, generator: torch.Generator, size: int, ss: int) -> torch.Tensor:
+    """The lattice of each image's class (SHAPES[label]), drawn at ss px for images of size px:
+    (n, 1, ss, ss), 1 inside a shape, 0 between. Period 7-11 px (of the size-px image), random
+    rotation, offset and shape size, all independent of the class."""
+    n = len(label)
+    u01 = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
+    coords = (torch.arange(ss) + 0.5) / ss  # pixel centres in [0, 1]
+    y, x = coords[:, None], coords[None, :]
+    # the lattice: period T (share of the side), shape radius r, rotation, offset (o_x, o_y)
+    period = (7 + 4 * u01(n, 1, 1)) / size
+    r = period * (0.36 + 0.08 * u01(n, 1, 1))
+    rot = u01(n, 1, 1) * 2 * math.pi
+    ox, oy = u01(n, 1, 1), u01(n, 1, 1)
+    # lattice coordinates (a, b) = R(rot) (x - o) / T; each cell's own frame (u, v) in radii
+    a = ((x - ox) * torch.cos(rot) + (y - oy) * torch.sin(rot)) / period  # (n, ss, ss)
+    b = (-(x - ox) * torch.sin(rot) + (y - oy) * torch.cos(rot)) / period
+    u = (a - a.floor() - 0.5) * period / r
+    v = (b - b.floor() - 0.5) * period / r
+    mask = torch.zeros(n, 1, ss, ss)
+    for k in range(len(SHAPES)):
+        i = label == k
+        mask[i] = shape_mask(SHAPES[k], u[i], v[i]).unsqueeze(1).float()
+    return mask
+
+
 def draw_shapes(n: int, generator: torch.Generator, size: int, gray: bool = True):
     u01 = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
     label = torch.randint(len(SHAPES), (n,), generator=generator)
@@ -222,20 +249,7 @@ def draw_shapes(n: int, generator: torch.Generator, size: int, gray: bool = True
     for _ in range(20):
         close = ((fg - bg_mean).pow(2).mean(1, keepdim=True).sqrt() < 0.35).expand_as(fg)
         fg = torch.where(close, u01(n, 3, 1, 1), fg)
-    # the lattice: period T (share of the side), shape radius r, rotation, offset (o_x, o_y)
-    period = (7 + 4 * u01(n, 1, 1)) / size
-    r = period * (0.36 + 0.08 * u01(n, 1, 1))
-    rot = u01(n, 1, 1) * 2 * math.pi
-    ox, oy = u01(n, 1, 1), u01(n, 1, 1)
-    # lattice coordinates (a, b) = R(rot) (x - o) / T; each cell's own frame (u, v) in radii
-    a = ((x - ox) * torch.cos(rot) + (y - oy) * torch.sin(rot)) / period  # (n, ss, ss)
-    b = (-(x - ox) * torch.sin(rot) + (y - oy) * torch.cos(rot)) / period
-    u = (a - a.floor() - 0.5) * period / r
-    v = (b - b.floor() - 0.5) * period / r
-    mask = torch.zeros(n, 1, ss, ss)
-    for k in range(len(SHAPES)):
-        i = label == k
-        mask[i] = shape_mask(SHAPES[k], u[i], v[i]).unsqueeze(1).float()
+    mask = draw_lattice(label, generator, size, ss)
     img = background * (1 - mask) + fg * mask
     img = img + 0.03 * torch.randn(img.shape, generator=generator)  # sensor noise
     img = F.avg_pool2d(img, 2)  # (n, 3, size, size)
