@@ -540,9 +540,10 @@ def with_masks(split: ImageSet, root: Path) -> ImageSet:
     missing = [p for p in paths if not p.is_file()]
     if len(missing) == len(paths):
         return split
-    require(not missing, f"{folder} holds masks for {len(paths) - len(missing)} of the "
-                         f"{len(paths)} evaluation images but not for {missing[0]} "
-                         f"({len(missing)} missing); give every evaluation image a mask, or none")
+    if missing:
+        raise DinoError(f"{folder} holds masks for {len(paths) - len(missing)} of the {len(paths)} "
+                        f"evaluation images but not for {missing[0]} ({len(missing)} missing); give "
+                        f"every evaluation image a mask, or none")
     return dataclasses.replace(split, mask_files=[str(p) for p in paths])
 
 
