@@ -261,7 +261,10 @@ def draw_shapes(n: int, generator: torch.Generator, size: int, gray: bool = True
     return img.to(torch.uint8).contiguous(), label  # (n, 3, size, size), (n,)
 
 
-def make_objects(n: int, seed: int, size: int = 32) -> ImageSet:
+OBJECTS_SIZE = 64  # px: at 32 px an object held 1-2 lattice periods, and the class hardly showed
+
+
+def make_objects(n: int, seed: int, size: int = OBJECTS_SIZE) -> ImageSet:
     """The built-in set with an object and a background: a blob filled with its class's lattice
     (the 8 lattices of `shapes`) on a background of smooth clutter, with the object's mask.
 
@@ -306,7 +309,7 @@ def draw_objects(n: int, generator: torch.Generator, size: int):
     obj = o + (f - o) * lattice
     # the background, independent of the class: a gray level g with smooth blotches (6 x 6 random
     # values upsampled bicubically: no period, no edges, nothing a lattice has)
-    g, amplitude = 0.2 + 0.6 * u01(n, 1, 1, 1), 0.05 + 0.15 * u01(n, 1, 1, 1)
+    g, amplitude = 0.2 + 0.6 * u01(n, 1, 1, 1), 0.15 + 0.2 * u01(n, 1, 1, 1)
     blotches = F.interpolate(torch.randn(n, 1, 6, 6, generator=generator), size=(ss, ss),
                              mode="bicubic", align_corners=False)
     img = inside * obj + (1 - inside) * (g + amplitude * blotches)
@@ -491,7 +494,7 @@ def peek(path: str) -> tuple[str, int]:
     """(name, typical image side) of a --data value without loading it: what the preset needs."""
     name, kind, root = locate(path)
     if kind in ("shapes", "objects", "cifar10"):
-        return name, 32
+        return name, OBJECTS_SIZE if kind == "objects" else 32
     if kind == "images":
         return name, probe_image_size(scan_images(root, tuple(labelled_beside(root))))
     return name, probe_image_size(scan_folder(root / "train"))

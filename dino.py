@@ -120,7 +120,7 @@ class Config:
     init_from: str = flag("", "start from a backbone or full checkpoint (README: Warm start)", "file")
     log_every: int = flag(0, "a record in steps.jsonl every N steps (0 = at least 100 per run)", ">=0")
     tensorboard: bool = flag(False, "step records also to OUTPUT_DIR/tensorboard (pip install tensorboard)")
-    supervised: bool = flag(False, "not DINO: the baseline with labels (section 8b), same ViT, views, steps")
+    supervised: bool = flag(False, "not DINO: the labelled baseline (section 8b): same ViT, views, steps")
 
 
 # -- 2. The projection head. g_θ = head ∘ backbone; the backbone is vit.VisionTransformer.
@@ -446,14 +446,20 @@ def preset_for(image_size: int, name: str, gpu: bool = False) -> dict:
                       teacher_temp=0.04, warmup_teacher_temp_epochs=0, momentum_teacher=0.98,
                       lr=0.008, min_lr=0.0005, use_bn_in_head=True, drop_path_rate=0.0,
                       weight_decay_end=0.1)
+    if name == "objects":  # 64 px images (data.OBJECTS_SIZE): 8 px patches keep the 8 x 8 grid;
+        # the paper's crop scales, so most global crops hold the object
+        preset.update(patch_size=8, global_crops_size=64, local_crops_size=32,
+                      global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4))
     return preset
 
 
 # -- 8b. The supervised baseline (--supervised), not DINO: the same ViT, views, optimizer,
 #        schedules and steps, trained with labels, for the paper's comparison of attention maps
 #        (Section 4.2.1). A linear classifier on the student's [CLS] of the 2 global views, with
-#        cross-entropy; the local views are made but not used. The teacher stays the EMA of the
-#        student (same λ schedule), so knn_eval and visualize read both runs' teacher alike.
+#        cross-entropy; the local views are made but not used. The teacher is a copy of the
+#        student after every step (λ = 0: an EMA would lag the backbone that was trained, by 10
+#        k-NN points on objects), so knn_eval and visualize read the trained backbone as a run's
+#        teacher.
 
 class Supervised(nn.Module):
     """Class scores of the global views: Linear(backbone's [CLS]), (2B, C), view-major."""
@@ -811,7 +817,7 @@ class Trainer:
             at = self.scheduled(iteration)
             loss, stats = supervised_step(self.student_fn, views, self.labels_at(iteration),
                                           self.optimizer, self.cfg, at)
-            update_teacher(self.teacher, self.student, at["momentum"])
+            update_teacher(self.teacher, self.student, 0.0)  # the teacher is a copy: see 8b
         else:
             loss, stats, self.center = train_step(self.student_fn, self.teacher_fn, self.center, views,
                                                   self.optimizer, self.cfg, self.scheduled(iteration))

@@ -126,7 +126,8 @@ def edges(images):
 
 def test_objects_masks_match_their_images():
     d = data.make_objects(300, seed=5)
-    assert d.images.shape == (300, 3, 32, 32) and d.masks.shape == (300, 32, 32)
+    S = data.OBJECTS_SIZE
+    assert d.images.shape == (300, 3, S, S) and d.masks.shape == (300, S, S)
     assert d.masks.dtype == torch.bool
     share = d.masks.float().mean((1, 2))
     assert share.min() > 0.1 and share.max() < 0.6
@@ -147,7 +148,7 @@ def test_objects_are_deterministic_and_the_background_ignores_the_class():
     assert not torch.equal(a.images, data.make_objects(40, seed=4).images)
     # the background's gray level says nothing about the class: class means of the mean
     # background pixel vary less than the images of one class do
-    d = data.make_objects(1600, seed=2)
+    d = data.make_objects(1600, seed=2, size=32)
     g = d.images[:, 0].float()
     background = (g * ~d.masks).sum((1, 2)) / (~d.masks).sum((1, 2))
     class_means = torch.stack([background[d.labels == k].mean() for k in range(8)])
@@ -155,11 +156,17 @@ def test_objects_are_deterministic_and_the_background_ignores_the_class():
     assert class_means.std() < 0.2 * within.mean()
 
 
-def test_load_data_gives_objects_with_masks_on_both_splits():
+def test_load_data_gives_objects_with_masks_on_both_splits(monkeypatch):
+    drawn = []
+    monkeypatch.setitem(data.BUILT_IN, "objects",  # 1 % of the images, for speed
+                        lambda n, seed: drawn.append((n, seed)) or data.make_objects(n // 100, seed))
     name, train, evaluation = data.load_data("objects")
-    assert name == "objects" and len(train) == 10_000 and len(evaluation) == 2_000
-    assert evaluation.masks.shape == (2_000, 32, 32)
-    assert dino.make_config({}, 32, "objects").arch == "vit_nano"  # the built-in preset
+    S = data.OBJECTS_SIZE
+    assert name == "objects" and drawn == [(10_000, 0), (2_000, 1)]
+    assert train.images.shape[-1] == S and evaluation.masks.shape == (20, S, S)
+    assert data.peek("objects") == ("objects", S)
+    cfg = dino.make_config({}, S, "objects")  # the built-in preset, 8 x 8 patches of the global view
+    assert cfg.arch == "vit_nano" and cfg.global_crops_size == S == 8 * cfg.patch_size
 
 
 # -- knn_eval and visualize use the measure ------------------------------------------------------
@@ -169,14 +176,17 @@ def checkpoint(tmp_path_factory):
     """A checkpoint of small untrained networks, as dino.py writes it, trained 'on objects'."""
     run = tmp_path_factory.mktemp("objects_run")
     cfg = dino.make_config(dict(data="objects", out_dim=64, hidden_dim=64, bottleneck_dim=32,
-                                output_dir=str(run)), image_size=32, name="objects")
+                                output_dir=str(run)), image_size=data.OBJECTS_SIZE, name="objects")
     student, teacher = dino.build_networks(cfg, "cpu")
     torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(),
                 "config": dino.config_to_dict(cfg)}, run / "checkpoint.pth")
     return run / "checkpoint.pth"
 
 
-def test_knn_eval_prints_the_jaccard_where_the_split_has_masks(checkpoint):
+def test_knn_eval_prints_the_jaccard_where_the_split_has_masks(checkpoint, monkeypatch):
+    small = {name: (lambda make: lambda n, seed: make(n // 20, seed))(make)  # 500 + 100 images
+             for name, make in data.BUILT_IN.items()}
+    monkeypatch.setattr(data, "BUILT_IN", small)
     lines = []
     knn_eval.main(["--checkpoint", str(checkpoint), "--data", "objects", "--device", "cpu"],
                   log=lines.append)
@@ -185,7 +195,7 @@ def test_knn_eval_prints_the_jaccard_where_the_split_has_masks(checkpoint):
     # the same number from the functions themselves
     backbone = vit.load_backbone(checkpoint)
     _, _, evaluation = data.load_data("objects")
-    per_image = knn_eval.attention_jaccard(backbone, data.mask_batches(evaluation, 32))
+    per_image = knn_eval.attention_jaccard(backbone, data.mask_batches(evaluation, backbone.img_size))
     assert value == pytest.approx(per_image.mean(0).max().item(), abs=5e-4)
     assert any(line.startswith("attention masks keeping 60 %") for line in lines)
     # shapes has no masks: no Jaccard
@@ -227,7 +237,7 @@ def test_a_folder_with_masks_is_measured_and_half_masked_folders_are_refused(tmp
 def test_the_attention_figure_draws_the_ground_truth_outline():
     torch.manual_seed(0)
     model = vit.VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=4).eval()
-    d = data.make_objects(1, seed=1)
+    d = data.make_objects(1, seed=1, size=32)
     with_outline = visualize.attention_figure(model, d.images[0], mask=d.masks[0])
     without = visualize.attention_figure(model, d.images[0])
     outlined = [ax for ax in with_outline.axes if ax.collections]
@@ -239,8 +249,9 @@ def test_the_attention_figure_draws_the_ground_truth_outline():
 # -- the supervised baseline ---------------------------------------------------------------------
 
 def test_supervised_baseline_trains_the_backbone_with_labels_and_leaves_the_dino_head(tmp_path):
-    d = data.make_objects(64, seed=0)
+    d = data.make_objects(64, seed=0, size=32)
     cfg = dino.make_config(dict(data="objects", supervised=True, batch_size=16, epochs=2,
+                                patch_size=4, global_crops_size=32, local_crops_size=16,
                                 warmup_epochs=0, out_dim=64, hidden_dim=64, bottleneck_dim=32,
                                 local_crops_number=0, lr=0.05, min_lr=1e-3, device="cpu",
                                 output_dir=str(tmp_path)), 32, "objects")
@@ -256,5 +267,6 @@ def test_supervised_baseline_trains_the_backbone_with_labels_and_leaves_the_dino
     assert any(not torch.equal(v, trainer.student.backbone.state_dict()[k]) for k, v in backbone.items())
     ck = data.load_checkpoint(tmp_path / "checkpoint.pth")
     assert "classifier" in ck and ck["config"]["supervised"]
-    # the teacher is the EMA of the student: knn_eval reads it as any run's teacher
-    assert vit.load_backbone(tmp_path / "checkpoint.pth").embed_dim == 64
+    # the teacher is a copy of the trained student: knn_eval and visualize read it as a run's teacher
+    teacher = vit.load_backbone(tmp_path / "checkpoint.pth")
+    assert all(torch.equal(v, trainer.student.backbone.state_dict()[k]) for k, v in teacher.state_dict().items())
