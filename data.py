@@ -301,15 +301,19 @@ def draw_objects(n: int, generator: torch.Generator, size: int):
     w, phase = 0.12 * u01(n, 2, 1, 1), 2 * math.pi * u01(n, 2, 1, 1)
     rho = 1 + w[:, 0] * torch.cos(2 * phi + phase[:, 0]) + w[:, 1] * torch.cos(3 * phi + phase[:, 1])
     inside = ((u ** 2 + v ** 2).sqrt() <= rho).unsqueeze(1).float()  # (n, 1, ss, ss)
-    # the class: its lattice, ink f on the object's own gray o, at least 0.35 apart
+    # the class: its lattice, ink f on the object's gray o, one dark (0.1-0.3) and one light
+    # (0.7-0.9), which is which at random. Gray levels drawn per image from the whole range (as
+    # in v3 of this set) gave every crop of an image the same two levels, and DINO matched
+    # views by them: its features told images apart by their grays, not their class
     lattice = draw_lattice(label, generator, size, ss)
-    o, f = u01(n, 1, 1, 1), u01(n, 1, 1, 1)
-    for _ in range(20):
-        f = torch.where((f - o).abs() < 0.35, u01(n, 1, 1, 1), f)
+    dark, light = 0.1 + 0.2 * u01(n, 1, 1, 1), 0.7 + 0.2 * u01(n, 1, 1, 1)
+    swap = u01(n, 1, 1, 1) < 0.5
+    o, f = torch.where(swap, light, dark), torch.where(swap, dark, light)
     obj = o + (f - o) * lattice
-    # the background, independent of the class: a gray level g with smooth blotches (6 x 6 random
-    # values upsampled bicubically: no period, no edges, nothing a lattice has)
-    g, amplitude = 0.2 + 0.6 * u01(n, 1, 1, 1), 0.15 + 0.2 * u01(n, 1, 1, 1)
+    # the background, independent of the class: smooth blotches around mid-gray (6 x 6 random
+    # values upsampled bicubically: no period, no edges, nothing a lattice has); its level varies
+    # inside an image, not from image to image, for the reason above
+    g, amplitude = 0.5, 0.15 + 0.2 * u01(n, 1, 1, 1)
     blotches = F.interpolate(torch.randn(n, 1, 6, 6, generator=generator), size=(ss, ss),
                              mode="bicubic", align_corners=False)
     img = inside * obj + (1 - inside) * (g + amplitude * blotches)
