@@ -2,7 +2,8 @@
 
 dino.py, knn_eval.py and visualize.py all import this module, and it imports none of them:
   1. errors for bad input, the one seed rule, devices, peak memory
-  2. data sets: the built-in `shapes`, CIFAR-10 (python-pickle layout), image folders
+  2. data sets: the built-in `shapes` and `objects` (with masks), CIFAR-10 (python-pickle layout),
+     image folders (with masks/ for the evaluation images, optionally)
   3. pixel operations on whole batches (PIL-exact bicubic crops, colour jitter, blur, solarize),
      which dino.multicrop composes into the paper's views
   4. feeding images: folders cropped per image in workers, centre views for evaluation
@@ -10,6 +11,7 @@ dino.py, knn_eval.py and visualize.py all import this module, and it imports non
 """
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import math
@@ -156,6 +158,8 @@ class ImageSet:
     images: torch.Tensor | None = None    # (N, 3, H, W) uint8, when held in memory
     files: list | None = None             # paths, when read from a folder (kept when held in memory)
     unreadable: list = field(default_factory=list)  # files that could not be read
+    masks: torch.Tensor | None = None     # (N, H, W) bool, True on the foreground, when known and in memory
+    mask_files: list | None = None        # one mask file per image file (MASKS_FOLDER), when known
 
     def __len__(self):
         return len(self.labels)
@@ -205,6 +209,31 @@ def make_shapes(n: int, seed: int, size: int = 32, gray: bool = True) -> ImageSe
                     images=torch.cat([p[0] for p in parts]))
 
 
+def draw_lattice(label: torch.Tensor, generator: torch.Generator, size: int, ss: int) -> torch.Tensor:
+    """The lattice of each image's class (SHAPES[label]), drawn at ss px for images of size px:
+    (n, 1, ss, ss), 1 inside a shape, 0 between. Period 7-11 px (of the size-px image), random
+    rotation, offset and shape size, all independent of the class."""
+    n = len(label)
+    u01 = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
+    coords = (torch.arange(ss) + 0.5) / ss  # pixel centres in [0, 1]
+    y, x = coords[:, None], coords[None, :]
+    # the lattice: period T (share of the side), shape radius r, rotation, offset (o_x, o_y)
+    period = (7 + 4 * u01(n, 1, 1)) / size
+    r = period * (0.36 + 0.08 * u01(n, 1, 1))
+    rot = u01(n, 1, 1) * 2 * math.pi
+    ox, oy = u01(n, 1, 1), u01(n, 1, 1)
+    # lattice coordinates (a, b) = R(rot) (x - o) / T; each cell's own frame (u, v) in radii
+    a = ((x - ox) * torch.cos(rot) + (y - oy) * torch.sin(rot)) / period  # (n, ss, ss)
+    b = (-(x - ox) * torch.sin(rot) + (y - oy) * torch.cos(rot)) / period
+    u = (a - a.floor() - 0.5) * period / r
+    v = (b - b.floor() - 0.5) * period / r
+    mask = torch.zeros(n, 1, ss, ss)
+    for k in range(len(SHAPES)):
+        i = label == k
+        mask[i] = shape_mask(SHAPES[k], u[i], v[i]).unsqueeze(1).float()
+    return mask
+
+
 def draw_shapes(n: int, generator: torch.Generator, size: int, gray: bool = True):
     u01 = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
     label = torch.randint(len(SHAPES), (n,), generator=generator)
@@ -222,20 +251,7 @@ def draw_shapes(n: int, generator: torch.Generator, size: int, gray: bool = True
     for _ in range(20):
         close = ((fg - bg_mean).pow(2).mean(1, keepdim=True).sqrt() < 0.35).expand_as(fg)
         fg = torch.where(close, u01(n, 3, 1, 1), fg)
-    # the lattice: period T (share of the side), shape radius r, rotation, offset (o_x, o_y)
-    period = (7 + 4 * u01(n, 1, 1)) / size
-    r = period * (0.36 + 0.08 * u01(n, 1, 1))
-    rot = u01(n, 1, 1) * 2 * math.pi
-    ox, oy = u01(n, 1, 1), u01(n, 1, 1)
-    # lattice coordinates (a, b) = R(rot) (x - o) / T; each cell's own frame (u, v) in radii
-    a = ((x - ox) * torch.cos(rot) + (y - oy) * torch.sin(rot)) / period  # (n, ss, ss)
-    b = (-(x - ox) * torch.sin(rot) + (y - oy) * torch.cos(rot)) / period
-    u = (a - a.floor() - 0.5) * period / r
-    v = (b - b.floor() - 0.5) * period / r
-    mask = torch.zeros(n, 1, ss, ss)
-    for k in range(len(SHAPES)):
-        i = label == k
-        mask[i] = shape_mask(SHAPES[k], u[i], v[i]).unsqueeze(1).float()
+    mask = draw_lattice(label, generator, size, ss)
     img = background * (1 - mask) + fg * mask
     img = img + 0.03 * torch.randn(img.shape, generator=generator)  # sensor noise
     img = F.avg_pool2d(img, 2)  # (n, 3, size, size)
@@ -243,6 +259,71 @@ def draw_shapes(n: int, generator: torch.Generator, size: int, gray: bool = True
     if gray:  # shades of gray: the colours' channel mean
         img = img.mean(1, keepdim=True).round().expand(-1, 3, -1, -1)
     return img.to(torch.uint8).contiguous(), label  # (n, 3, size, size), (n,)
+
+
+OBJECTS_SIZE = 64  # px: at 32 px an object held 1-2 lattice periods, and the class hardly showed
+
+
+def make_objects(n: int, seed: int, size: int = OBJECTS_SIZE) -> ImageSet:
+    """The built-in set with an object and a background: a blob filled with its class's lattice
+    (the 8 lattices of `shapes`) on a background of smooth clutter, with the object's mask.
+
+    The class shows only inside the object: the background (a gray level with low-frequency
+    blotches) is drawn independently of the class, so a feature that knows the class has to look
+    at the object; the mask (N, H, W) is the ground truth for the attention's Jaccard (paper
+    Section 4.2.1). The object is an ellipse whose radius wobbles with the angle, at a random
+    place, size (20-45 % of the frame's area before the frame cuts it) and elongation. Gray, as
+    `shapes`. Deterministic for a seed; drawn 1000 images at a time.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    parts = [draw_objects(min(1000, n - start), generator, size) for start in range(0, n, 1000)]
+    return ImageSet(labels=torch.cat([p[1] for p in parts]), classes=list(SHAPES),
+                    images=torch.cat([p[0] for p in parts]), masks=torch.cat([p[2] for p in parts]))
+
+
+def draw_objects(n: int, generator: torch.Generator, size: int):
+    u01 = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
+    label = torch.randint(len(SHAPES), (n,), generator=generator)
+    ss = 2 * size  # draw at twice the size, then average 2x2 pixels (anti-aliasing)
+    coords = (torch.arange(ss) + 0.5) / ss  # pixel centres in [0, 1]
+    y, x = coords[:, None], coords[None, :]
+    # the silhouette: centre (c_x, c_y), area A (share of the frame), elongation e, rotation,
+    # and a radius that wobbles with the angle φ: ρ(φ) = 1 + w_2 cos(2φ + p_2) + w_3 cos(3φ + p_3)
+    cx, cy = 0.3 + 0.4 * u01(n, 1, 1), 0.3 + 0.4 * u01(n, 1, 1)
+    area = 0.2 + 0.25 * u01(n, 1, 1)
+    elong = 0.7 + 0.6 * u01(n, 1, 1)
+    rot = u01(n, 1, 1) * 2 * math.pi
+    radius = (area / math.pi).sqrt()  # of a disk of area A
+    du, dv = x - cx, y - cy
+    u = (du * torch.cos(rot) + dv * torch.sin(rot)) / (radius * elong.sqrt())
+    v = (-du * torch.sin(rot) + dv * torch.cos(rot)) * elong.sqrt() / radius
+    phi = torch.atan2(v, u)
+    w, phase = 0.12 * u01(n, 2, 1, 1), 2 * math.pi * u01(n, 2, 1, 1)
+    rho = 1 + w[:, 0] * torch.cos(2 * phi + phase[:, 0]) + w[:, 1] * torch.cos(3 * phi + phase[:, 1])
+    inside = ((u ** 2 + v ** 2).sqrt() <= rho).unsqueeze(1).float()  # (n, 1, ss, ss)
+    # the class: its lattice, ink f on the object's gray o, one dark (0.1-0.3) and one light
+    # (0.7-0.9), which is which at random. Gray levels drawn per image from the whole range (as
+    # in v3 of this set) gave every crop of an image the same two levels, and DINO matched
+    # views by them: its features told images apart by their grays, not their class
+    lattice = draw_lattice(label, generator, size, ss)
+    dark, light = 0.1 + 0.2 * u01(n, 1, 1, 1), 0.7 + 0.2 * u01(n, 1, 1, 1)
+    swap = u01(n, 1, 1, 1) < 0.5
+    o, f = torch.where(swap, light, dark), torch.where(swap, dark, light)
+    obj = o + (f - o) * lattice
+    # the background, independent of the class: smooth blotches around mid-gray (6 x 6 random
+    # values upsampled bicubically: no period, no edges, nothing a lattice has); its level varies
+    # inside an image, not from image to image, for the reason above
+    g, amplitude = 0.5, 0.15 + 0.2 * u01(n, 1, 1, 1)
+    blotches = F.interpolate(torch.randn(n, 1, 6, 6, generator=generator), size=(ss, ss),
+                             mode="bicubic", align_corners=False)
+    img = inside * obj + (1 - inside) * (g + amplitude * blotches)
+    img = img + 0.03 * torch.randn(img.shape, generator=generator)  # sensor noise
+    img = (F.avg_pool2d(img, 2).clamp(0, 1) * 255).round()  # (n, 1, size, size)
+    masks = F.avg_pool2d(inside, 2)[:, 0] >= 0.5  # (n, size, size): pixels at least half object
+    return img.expand(-1, 3, -1, -1).to(torch.uint8).contiguous(), label, masks
+
+
+BUILT_IN = {"shapes": make_shapes, "objects": make_objects}  # --data names of the generated sets
 
 
 class ArrayUnpickler(pickle.Unpickler):
@@ -393,8 +474,8 @@ def locate(path: str) -> tuple[str, str, Path | None]:
     """(name, kind, root) of a --data value, kind one of shapes, cifar10, folder (train/<class>/
     layout) or images (any other folder: its images, without labels); one-line errors for paths
     that are none of them. Reads no image."""
-    if path == "shapes":
-        return "shapes", "shapes", None
+    if path in BUILT_IN:
+        return path, path, None
     root = Path(path).expanduser()
     looks_like_cifar = "cifar" in root.name.lower().replace("-", "")
     if (root / "cifar-10-batches-py").is_dir() or (
@@ -416,8 +497,8 @@ def labelled_beside(root: Path) -> list[Path]:
 def peek(path: str) -> tuple[str, int]:
     """(name, typical image side) of a --data value without loading it: what the preset needs."""
     name, kind, root = locate(path)
-    if kind in ("shapes", "cifar10"):
-        return name, 32
+    if kind in ("shapes", "objects", "cifar10"):
+        return name, OBJECTS_SIZE if kind == "objects" else 32
     if kind == "images":
         return name, probe_image_size(scan_images(root, tuple(labelled_beside(root))))
     return name, probe_image_size(scan_folder(root / "train"))
@@ -428,24 +509,59 @@ def load_data(path: str, strict: bool = False) -> tuple[str, ImageSet, ImageSet 
     train/<class>/ gives all its images without labels (has_labels is False), evaluated on a
     labelled val/ or test/ beside them if there is one."""
     name, kind, root = locate(path)
-    if kind == "shapes":
-        return name, make_shapes(10_000, seed=0), make_shapes(2_000, seed=1)
+    if kind in BUILT_IN:
+        return name, BUILT_IN[kind](10_000, seed=0), BUILT_IN[kind](2_000, seed=1)
     if kind == "cifar10":
         if not (root / "cifar-10-batches-py").is_dir():
             download_cifar10(root)
         return name, *load_cifar10(root)
     if kind == "images":
         beside = labelled_beside(root)
-        train_set = hold_in_memory(scan_images(root, tuple(beside), strict), strict=strict)
-        eval_set = hold_in_memory(scan_folder(beside[0], strict=strict), strict=strict) if beside else None
+        train_set = hold_in_memory(scan_images(root, tuple(beside) + (root / MASKS_FOLDER,), strict),
+                                   strict=strict)
+        eval_set = hold_in_memory(with_masks(scan_folder(beside[0], strict=strict), root),
+                                  strict=strict) if beside else None
         return name, train_set, eval_set
     train_set = hold_in_memory(scan_folder(root / "train", strict=strict), strict=strict)
     eval_set = None
     for split in ("val", "test"):
         if (root / split).is_dir():
-            eval_set = hold_in_memory(scan_folder(root / split, train_set.classes, strict), strict=strict)
+            eval_set = hold_in_memory(with_masks(scan_folder(root / split, train_set.classes, strict), root),
+                                      strict=strict)
             break
     return name, train_set, eval_set
+
+
+# Ground-truth masks of a folder's evaluation images: ROOT/masks/<the image's path under ROOT, with
+# the suffix .png>, e.g. ROOT/val/dog/001.jpg → ROOT/masks/val/dog/001.png; nonzero = foreground.
+MASKS_FOLDER = "masks"
+
+
+def with_masks(split: ImageSet, root: Path) -> ImageSet:
+    """split with mask_files set when ROOT/masks holds a mask for each of its images; unchanged
+    when it holds none; a one-line error when only some images have one."""
+    folder = root / MASKS_FOLDER
+    if not folder.is_dir():
+        return split
+    paths = [folder / Path(f).relative_to(root).with_suffix(".png") for f in split.files]
+    missing = [p for p in paths if not p.is_file()]
+    if len(missing) == len(paths):
+        return split
+    if missing:
+        raise DinoError(f"{folder} holds masks for {len(paths) - len(missing)} of the {len(paths)} "
+                        f"evaluation images but not for {missing[0]} ({len(missing)} missing); give "
+                        f"every evaluation image a mask, or none")
+    return dataclasses.replace(split, mask_files=[str(p) for p in paths])
+
+
+def read_mask(path) -> torch.Tensor:
+    """A mask file as (H, W) bool: nonzero (in any channel) = foreground."""
+    try:
+        with Image.open(path) as im:
+            m = torch.as_tensor(np.array(im))
+    except UNREADABLE:
+        raise DinoError(f"mask {path} could not be read as an image; replace it") from None
+    return m.reshape(*m.shape[:2], -1).ne(0).any(-1)
 
 
 def hold_in_memory(data: ImageSet, max_side: int = 64, max_bytes: int = 4 * 2 ** 30,
@@ -466,9 +582,17 @@ def hold_in_memory(data: ImageSet, max_side: int = 64, max_bytes: int = 4 * 2 **
     if len(sizes) != 1:
         return data  # sizes differ: crop each image on its own, in the DataLoader
     keep = [i for i, im in enumerate(images) if im is not None]
+    masks = None
+    if data.mask_files is not None:
+        masks = torch.stack([read_mask(data.mask_files[i]) for i in keep])  # (n, H, W)
+        require(masks.shape[-2:] == (images[keep[0]].size[1], images[keep[0]].size[0]),
+                f"the masks under {Path(data.mask_files[0]).parent} are {masks.shape[-1]}x"
+                f"{masks.shape[-2]} px, their images {images[keep[0]].size[0]}x"
+                f"{images[keep[0]].size[1]} px; a mask must have its image's size")
     return ImageSet(labels=data.labels[keep], classes=data.classes, files=[data.files[i] for i in keep],
                     images=torch.stack([pil_to_tensor(images[i]) for i in keep]),  # (n, 3, H, W)
-                    unreadable=data.unreadable + [data.files[i] for i, im in enumerate(images) if im is None])
+                    unreadable=data.unreadable + [data.files[i] for i, im in enumerate(images) if im is None],
+                    masks=masks, mask_files=None if masks is None else [data.mask_files[i] for i in keep])
 
 
 def probe_image_size(data: ImageSet) -> int:
@@ -781,6 +905,25 @@ def eval_batches(data: ImageSet, size: int, batch_size: int = 256):
         yield normalize(x[ok].float() / 255), y[ok]
 
 
+def mask_batches(data: ImageSet, size: int, batch_size: int = 256):
+    """(images, masks) batches: the centre views of eval_batches and their ground-truth masks
+    (B, size, size) bool, cut and resized as the images are (nearest neighbour: a mask stays 0/1).
+    Needs data.masks (in memory) or data.mask_files; unreadable images are left out."""
+    if data.images is not None:
+        for (x, _), start in zip(eval_batches(data, size, batch_size), range(0, len(data), batch_size)):
+            m = data.masks[start:start + batch_size]  # (B, H, W)
+            if m.shape[-2:] != (size, size):
+                m = F.interpolate(m[:, None].float(), size=(size, size), mode="nearest")[:, 0] > 0.5
+            yield x, m
+        return
+    resize = round(size * 256 / 224) if size >= 96 else size  # as eval_batches
+    cut = transforms.Compose([transforms.Resize(resize, interpolation=transforms.InterpolationMode.NEAREST),
+                              transforms.CenterCrop(size)])
+    numbered = dataclasses.replace(data, labels=torch.arange(len(data)))
+    for x, index in eval_batches(numbered, size, batch_size):
+        yield x, torch.stack([cut(read_mask(data.mask_files[i])[None])[0] for i in index.tolist()])
+
+
 class _EvalFolder(torch.utils.data.Dataset):
     """(centre view, label, readable) of each file; an unreadable file gives a blank view that
     eval_batches drops."""
@@ -805,7 +948,9 @@ def shard(data: ImageSet, rank: int, world: int) -> ImageSet:
     idx = torch.tensor_split(torch.arange(len(data)), world)[rank]
     return ImageSet(labels=data.labels[idx], classes=data.classes,
                     images=None if data.images is None else data.images[idx],
-                    files=None if data.files is None else [data.files[i] for i in idx.tolist()])
+                    files=None if data.files is None else [data.files[i] for i in idx.tolist()],
+                    masks=None if data.masks is None else data.masks[idx],
+                    mask_files=None if data.mask_files is None else [data.mask_files[i] for i in idx.tolist()])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ extract_features and knn_accuracy from this file, so both report the same number
   python knn_eval.py --export vit_backbone.pth --checkpoint runs/my_photos/checkpoint.pth
 
 The file reads: 1. features (a network's, or raw pixels)  2. weighted k-NN  3. linear probe
-4. command line, with the two commands that take weights out of a run: --embed (the features of
+4. segmentation from attention (Jaccard of the 60 % attention masks, on splits with masks)
+5. command line, with the two commands that take weights out of a run: --embed (the features of
 any data set, labelled or not) and --export (the backbone in the authors' layout). They live here
 because they take the same weights (--checkpoint, --pretrained, --weights) and views
 (--image_size, --avgpool) as the evaluations, and extract features with the same function.
@@ -253,7 +254,83 @@ def probe_accuracy(probe, features, labels, chunk_size=4096):
 
 
 # ------------------------------------------------------------------------------------------------
-# 4. Command line.
+# 4. Segmentation from attention (paper Section 4.2.1, Figures 1 and 4): the last block's [CLS]
+#    attention of each head, cut to the patches holding 60 % of its mass, against the ground truth.
+# ------------------------------------------------------------------------------------------------
+
+def attention_mask(attention: torch.Tensor, share: float = 0.6) -> torch.Tensor:
+    """The positions holding `share` of the attention mass, per row (the authors' rule): sort
+    ascending, normalise to sum 1, cumulative sum, keep where it exceeds 1 − share. What is
+    dropped are the smallest values whose mass is at most 1 − share, so the kept mass is ≥ share,
+    and keeping the largest values first makes the set the smallest that holds it.
+
+    Ties: equal values are kept or dropped together (each takes the cumulative sum at the last of
+    its group), so the mask does not depend on the order a sort puts them in; a tie that straddles
+    the boundary is kept whole. A uniform row keeps every position. attention: (..., n) ≥ 0;
+    returns a bool tensor of the same shape.
+    """
+    values, order = attention.sort(dim=-1)
+    values = values / values.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    # $$C_i = \sum_{j \le i} a_{(j)}$$ over the ascending values, read at the end of each tie group
+    last_of_tie = torch.searchsorted(values.contiguous(), values.contiguous(), right=True) - 1
+    cumsum = values.cumsum(dim=-1).gather(-1, last_of_tie)
+    keep_sorted = cumsum > 1 - share
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)  # back to input order
+
+
+def upsample(maps: torch.Tensor, patch: int) -> torch.Tensor:
+    """(..., gh, gw) → (..., gh·p, gw·p), each patch value repeated over its p x p pixels."""
+    return maps.repeat_interleave(patch, dim=-2).repeat_interleave(patch, dim=-1)
+
+
+def jaccard(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Jaccard similarity (IoU) of bool masks over their last two dimensions (broadcast):
+    |a ∩ b| / |a ∪ b|, and 1 where both are empty (two empty masks agree)."""
+    # $$J(A, B) = \frac{|A \cap B|}{|A \cup B|}$$
+    inter = (a & b).sum((-2, -1)).float()
+    union = (a | b).sum((-2, -1)).float()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
+@torch.no_grad()
+def attention_jaccard(backbone, batches, share: float = 0.6, device="cpu") -> torch.Tensor:
+    """(N, heads) Jaccard of each image's attention masks, one per head, with its ground truth.
+
+    batches: (images, masks) as data.mask_batches gives them, images normalised (B, 3, H, W)
+    with H, W multiples of the patch size, masks (B, H, W) bool. Per image and head: the last
+    block's [CLS] → patch attention, attention_mask(share) on the patch grid, upsampled to pixels
+    by the patch size, Jaccard with the mask. An image without foreground scores 0 (an attention
+    mask is never empty); an image that is all foreground scores the share of the frame its
+    attention mask covers.
+    """
+    p, out = backbone.patch_size, []
+    for x, masks in batches:
+        attn = backbone.get_last_selfattention(x.to(device))  # (B, heads, 1 + gh·gw, 1 + gh·gw)
+        cls_to_patches = attn[:, :, 0, 1:].float()  # (B, heads, gh·gw): drop [CLS] → [CLS]
+        keep = rearrange(attention_mask(cls_to_patches, share), "b h (gh gw) -> b h gh gw",
+                         gh=x.shape[-2] // p)
+        out.append(jaccard(upsample(keep, p).cpu(), masks[:, None].cpu()))  # (B, heads)
+    return torch.cat(out)
+
+
+def jaccard_report(per_image: torch.Tensor, share: float = 0.6) -> tuple[list, str]:
+    """(log lines, headline) of the (N, heads) Jaccards: the mean over the images of each head,
+    the best head's (the headline: the paper shows the best head of each model in Figure 4) and
+    the mean over heads."""
+    per_head = per_image.mean(0)  # (heads,)
+    best = int(per_head.argmax())
+    pct = round(100 * share)
+    lines = [f"attention masks keeping {pct} % of the last block's [CLS] mass against the ground "
+             f"truth, {len(per_image)} images: Jaccard per head "
+             + " ".join(f"{v:.3f}" for v in per_head.tolist())
+             + f"; best head ({best + 1}) {per_head[best]:.3f}, mean over heads {per_head.mean():.3f}",
+             f"jaccard@{pct}={per_head[best]:.3f}",
+             f"jaccard@{pct}_mean_heads={per_head.mean():.3f}"]
+    return lines, f"{per_head[best]:.3f}"
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Command line.
 # ------------------------------------------------------------------------------------------------
 
 def build_parser():
@@ -273,6 +350,12 @@ def build_parser():
                              "with train/<class>/ and val/ or test/")
     parser.add_argument("--weights", choices=["teacher", "student"], default="teacher",
                         help="whose backbone to evaluate; the paper reports the teacher, which scores higher")
+    parser.add_argument("--random_init", action="store_true",
+                        help="evaluate an untrained ViT of the size of --checkpoint's or --pretrained's "
+                             "(initialised with --seed): the random-init baseline")
+    parser.add_argument("--share", type=float, default=0.6,
+                        help="on evaluation splits with masks: the attention masks keep this share of "
+                             "the [CLS] attention mass (paper: 0.6) for the Jaccard")
     parser.add_argument("--image_size", type=int, default=0,
                         help="side of the centre view in px (0: the training resolution: the checkpoint's "
                              "global_crops_size, the weights' pos_embed, or for raw pixels 32 px for "
@@ -310,11 +393,12 @@ def build_parser():
                        help="probe lr at batch 256, scaled linearly with the batch; the best value "
                             "varies with the features, so sweep it (e.g. 0.001 … 0.1) for a fair figure")
     probe.add_argument("--probe_batch_size", type=int, default=256, help="probe training batch")
-    probe.add_argument("--seed", type=int, default=0, help="probe init and shuffling")
+    probe.add_argument("--seed", type=int, default=0, help="probe init and shuffling (and the "
+                                                            "ViT's init with --random_init)")
     return parser
 
 
-FLAG_RULES = dict(k=">=1", temperature=">0", batch_size=">=1", chunk_size=">=1", image_size=">=0",
+FLAG_RULES = dict(share="(0,1)", k=">=1", temperature=">0", batch_size=">=1", chunk_size=">=1", image_size=">=0",
                   n_last_blocks=">=1", epochs=">=1", lr=">0", probe_batch_size=">=1")
 
 
@@ -333,6 +417,8 @@ def validate(args):
                 f"--linear and --save_features belong to the k-NN evaluation, not to {command}")
     require(args.checkpoint or args.pretrained or args.raw_pixels or args.load_features,
             "nothing to evaluate: give --checkpoint, --pretrained, --raw_pixels or --load_features")
+    require(not args.random_init or args.checkpoint or args.pretrained,
+            "--random_init takes the network's size from --checkpoint or --pretrained; give one")
     for flag, path in (("--save_features", args.save_features), ("--out", args.out), ("--export", args.export)):
         if path:  # the features take minutes to extract: fail before, not after
             data.writable_file(path, flag)
@@ -346,6 +432,8 @@ def load_weights(args) -> vit.VisionTransformer:
             f"{path} is not a DINO checkpoint (it has no 'teacher' and 'student' weights); for "
             f"a plain ViT state dict use --pretrained")
     backbone = vit.backbone_from(weights, str(path), args.weights)
+    if args.random_init:
+        backbone = vit.untrained_like(backbone, args.seed)
     require(args.n_last_blocks <= len(backbone.blocks), f"--n_last_blocks {args.n_last_blocks} "
             f"exceeds the {len(backbone.blocks)} blocks of the ViT")
     require((args.image_size or backbone.img_size) % backbone.patch_size == 0,
@@ -355,8 +443,9 @@ def load_weights(args) -> vit.VisionTransformer:
 
 
 def describe_source(args, backbone, size) -> str:
-    return (f"{args.weights} backbone of {args.checkpoint}" if args.checkpoint
-            else f"{args.pretrained}") + f" ({vit.describe(backbone)}, {size} px centre views)"
+    untrained = f"untrained ViT (seed {args.seed}) the size of the " if args.random_init else ""
+    return untrained + (f"{args.weights} backbone of {args.checkpoint}" if args.checkpoint
+                        else f"{args.pretrained}") + f" ({vit.describe(backbone)}, {size} px centre views)"
 
 
 def compute_features(args, device, log):
@@ -404,6 +493,9 @@ def compute_features(args, device, log):
     if args.linear:
         pooled = " + mean patch token" if args.avgpool else ""
         out["probe_input"] = f"[CLS] of the last {n} block(s){pooled}"
+    if eval_set.masks is not None or eval_set.mask_files is not None:  # the paper's Jaccard
+        out["jaccard"] = attention_jaccard(backbone, data.mask_batches(eval_set, size, args.batch_size),
+                                           args.share, device)
     return dict(out, classes=classes, source=source, data=name)
 
 
@@ -518,6 +610,9 @@ def main(argv=None, log=print):
     log(f"{'k':>5}  {'top-1':>7}  {'top-5':>7}")
     for k in ks:
         log(f"{k:>5}  {results[k][0]:>7.2f}  {results[k][1]:>7.2f}")
+    jaccard_lines = jaccard_report(features["jaccard"], args.share)[0] if "jaccard" in features else []
+    for line in jaccard_lines[:1]:
+        log(line)
 
     t_probe = 0.0
     if args.linear:
@@ -537,6 +632,8 @@ def main(argv=None, log=print):
         log(f"linear top1={top1:.2f}")
     k = min(20 if 20 in args.k else args.k[0], len(train_y))  # the headline k, as run
     log(f"knn top1@{k}={results[k][0]:.2f}")
+    for line in jaccard_lines[1:]:
+        log(line)
     return 0
 
 

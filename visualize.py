@@ -33,6 +33,7 @@ import data
 import dino
 import vit
 from data import DinoError, require
+from knn_eval import attention_mask, jaccard, upsample
 
 DEFAULT_OUT = Path("runs") / "figures"  # for figures that come from no checkpoint (ignored by git)
 
@@ -53,10 +54,17 @@ def read_image(path) -> torch.Tensor:
     return pil_to_tensor(image)
 
 
-def sample_images(n: int, size: int) -> list[torch.Tensor]:
-    """n held-out images of the built-in shapes set (the evaluation seed), drawn at size px."""
-    n_drawn = max(n, 8)  # image i depends on make_shapes' n: the first 8 are the same for n ≤ 8
-    return list(data.make_shapes(n_drawn, seed=1, size=size).images[:n])
+def sample_images(n: int, size: int, name: str = "shapes") -> list[torch.Tensor]:
+    """n held-out images of a built-in set (the evaluation seed), drawn at size px."""
+    return list(sample_set(n, size, name).images)
+
+
+def sample_set(n: int, size: int, name: str = "shapes") -> data.ImageSet:
+    """The first n held-out images of the built-in set `name` (its masks too, for objects)."""
+    n_drawn = max(n, 8)  # image i depends on the set's n: the first 8 are the same for n ≤ 8
+    drawn = data.BUILT_IN[name](n_drawn, seed=1, size=size)
+    return data.ImageSet(labels=drawn.labels[:n], classes=drawn.classes, images=drawn.images[:n],
+                         masks=None if drawn.masks is None else drawn.masks[:n])
 
 
 def fit_to_patches(image: torch.Tensor, patch: int, size: int | None = None) -> torch.Tensor:
@@ -112,35 +120,22 @@ def attention_maps(backbone: vit.VisionTransformer, x: torch.Tensor) -> torch.Te
     return rearrange(to_patches, "nh (gh gw) -> nh gh gw", gh=x.shape[-2] // p, gw=x.shape[-1] // p)
 
 
-def attention_mask(attention: torch.Tensor, share: float = 0.6) -> torch.Tensor:
-    """The smallest set of positions holding at least `share` of the attention mass, per row.
-
-    attention: (..., n) non-negative; returns a bool tensor of the same shape.
-    """
-    # The paper's rule (Figure 3, 60 %): sort ascending, normalise to sum 1, cumulative sum, keep
-    # where cumsum > 1 − share. What is dropped are the smallest values whose mass is at most
-    # 1 − share, so the kept mass is ≥ share; keeping the largest values first makes it the
-    # smallest such set.
-    values, order = attention.sort(dim=-1)
-    values = values / values.sum(dim=-1, keepdim=True)
-    keep_sorted = values.cumsum(dim=-1) > 1 - share
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)  # back to input order
-
-
-def upsample(maps: torch.Tensor, patch: int) -> torch.Tensor:
-    """(..., gh, gw) → (..., gh·p, gw·p), each patch value repeated over its p x p pixels."""
-    return maps.repeat_interleave(patch, dim=-2).repeat_interleave(patch, dim=-1)
-
-
 def attention_figure(backbone: vit.VisionTransformer, image: torch.Tensor, share: float = 0.6,
-                     size: int | None = None, title: str = "", path=None) -> Figure:
+                     size: int | None = None, title: str = "", path=None,
+                     mask: torch.Tensor | None = None) -> Figure:
     """Top row: the image, each head's [CLS] attention, their mean. Bottom row: the masks that
-    keep `share` of each map's mass, drawn over the image (dimmed outside the mask).
+    keep `share` of each map's mass (knn_eval.attention_mask), drawn over the image (dimmed
+    outside the mask). With a ground-truth mask (H, W) bool of the image, its outline is drawn
+    in cyan on the image and the masks, and each mask's Jaccard with it (knn_eval.jaccard) is
+    written under it.
 
     image: (3, H, W) uint8 of any size; `size` px on its shorter side (None: the training size).
     """
     p = backbone.patch_size
     x = fit_to_patches(image, p, size or backbone.img_size)
+    if mask is not None:  # cut and resized as the image: its 0/255 picture, back to 0/1
+        mask = fit_to_patches((255 * mask.to(torch.uint8)).expand(3, -1, -1), p,
+                              size or backbone.img_size)[0] > 0.5
     maps = attention_maps(backbone, x)  # (heads, gh, gw)
     maps = torch.cat([maps, maps.mean(0, keepdim=True)])  # (heads + 1, gh, gw): the mean last
     masks = rearrange(attention_mask(rearrange(maps, "m gh gw -> m (gh gw)"), share),
@@ -149,7 +144,7 @@ def attention_figure(backbone: vit.VisionTransformer, image: torch.Tensor, share
     columns = heads + 2
     fig = Figure(figsize=(1.6 * columns, 3.6), dpi=100, layout="constrained")
     axes = fig.subplots(2, columns)
-    show(axes[0, 0], x, "image")
+    show(axes[0, 0], x, "image" + ("\n(cyan: ground truth)" if mask is not None else ""))
     show(axes[1, 0], x, f"masks keep {share:.0%}\nof the mass")
     for j in range(heads + 1):
         name = f"head {j + 1}" if j < heads else "mean of heads"
@@ -157,7 +152,11 @@ def attention_figure(backbone: vit.VisionTransformer, image: torch.Tensor, share
         axes[0, j + 1].set_title(name, fontsize=9)
         axes[0, j + 1].set_axis_off()
         dim = 0.2 + 0.8 * upsample(masks[j], p).float()  # (H, W): 1 inside the mask, 0.2 outside
-        show(axes[1, j + 1], x * dim)
+        show(axes[1, j + 1], x * dim,
+             "" if mask is None else f"Jaccard {jaccard(upsample(masks[j], p), mask).item():.2f}")
+    if mask is not None:
+        for ax in [axes[0, 0], *axes[1]]:
+            ax.contour(mask.float().numpy(), levels=[0.5], colors="cyan", linewidths=1.2)
     fig.suptitle(title or f"last-block [CLS] attention, {heads} heads, {p} px patches", fontsize=10)
     return save(fig, path)
 
@@ -404,20 +403,39 @@ def model_and_out(args):
     path = args.checkpoint or args.pretrained
     if path is None:
         raise DinoError("give --checkpoint (a dino.py checkpoint) or --pretrained (ViT weights)")
-    return vit.load_backbone(path, num_heads=args.num_heads), Path(args.out) if args.out else Path(path).parent
+    backbone = vit.load_backbone(path, num_heads=args.num_heads)
+    if getattr(args, "random_init", False):
+        backbone = vit.untrained_like(backbone, seed=0)
+    return backbone, Path(args.out) if args.out else Path(path).parent
+
+
+def built_in_of(args) -> str:
+    """The built-in set whose held-out images to draw: the checkpoint's, if it trained on one."""
+    if args.checkpoint:
+        trained_on = config_from_checkpoint(args.checkpoint).data
+        if trained_on in data.BUILT_IN:
+            return trained_on
+    return "shapes"
 
 
 def run_attention(args):
     backbone, out = model_and_out(args)
     size = args.image_size or backbone.img_size
+    require(not args.mask or len(args.mask) == len(args.image or []),
+            "give one --mask per --image, in the same order")
     if args.image:
-        images = [(Path(f).stem, read_image(f)) for f in args.image]
+        masks = [data.read_mask(m) for m in args.mask] if args.mask else [None] * len(args.image)
+        images = [(Path(f).stem, read_image(f), m) for f, m in zip(args.image, masks)]
     else:
-        images = [("sample", sample_images(1, size)[0])]
+        sample = sample_set(1, size, built_in_of(args))
+        images = [("sample", sample.images[0], None if sample.masks is None else sample.masks[0])]
     written = []
-    for stem, image in images:
+    for stem, image, mask in images:
+        if mask is not None:
+            require(mask.shape == image.shape[-2:], f"the mask of {stem} is {tuple(mask.shape)} px, "
+                                                    f"its image {tuple(image.shape[-2:])}")
         path = out / f"attention_{stem}.png"
-        attention_figure(backbone, image, args.share, size, path=path)
+        attention_figure(backbone, image, args.share, size, path=path, mask=mask)
         written.append(path)
     return written
 
@@ -425,7 +443,8 @@ def run_attention(args):
 def run_pca(args):
     backbone, out = model_and_out(args)
     size = args.image_size or backbone.img_size
-    images = [read_image(f) for f in args.image] if args.image else sample_images(args.samples, size)
+    images = ([read_image(f) for f in args.image] if args.image
+              else sample_images(args.samples, size, built_in_of(args)))
     path = out / "pca.png"
     pca_figure(backbone, images, size, path=path)
     return [path]
@@ -472,9 +491,12 @@ def run_readme_figures(args):
     checkpoint = run / "checkpoint.pth"
     backbone = vit.load_backbone(checkpoint, num_heads=args.num_heads)
     size = backbone.img_size
-    samples = sample_images(args.samples, size)
+    trained_on = config_from_checkpoint(checkpoint).data
+    held_out = sample_set(args.samples, size, trained_on if trained_on in data.BUILT_IN else "shapes")
+    samples = list(held_out.images)
     written = [out / "attention.png", out / "pca.png", out / "curves.png", out / "views.png"]
-    attention_figure(backbone, samples[0], args.share, size, path=written[0])
+    attention_figure(backbone, samples[0], args.share, size, path=written[0],
+                     mask=None if held_out.masks is None else held_out.masks[0])
     pca_figure(backbone, samples, size, path=written[1])
     records, steps = read_run(run)
     curves_figure(records, title=f"{run}: training curves", path=written[2], steps=steps)
@@ -502,6 +524,11 @@ def build_parser():
 
     p = commands.add_parser("attention", help="per-head [CLS] attention maps and masks, one PNG per image")
     model_flags(p)
+    p.add_argument("--mask", action="append", help="ground-truth mask of the --image of the same "
+                                                   "position (nonzero = foreground): its outline and "
+                                                   "each head's Jaccard are drawn")
+    p.add_argument("--random_init", action="store_true",
+                   help="an untrained ViT of the size of --checkpoint/--pretrained (the baseline)")
     p.add_argument("--share", type=float, default=0.6,
                    help="mask keeps this share of each head's attention mass (paper Figure 3: 0.6)")
     p = commands.add_parser("pca", help="first 3 principal components of patch features as RGB")

@@ -313,6 +313,18 @@ def backbone_from(obj, source: str, weights: str = "teacher", num_heads: int | N
     return vit_from_state_dict(state, source, num_heads or recorded.get("num_heads"))
 
 
+def untrained_like(model: VisionTransformer, seed: int = 0) -> VisionTransformer:
+    """A freshly initialised ViT of model's size, from a generator seeded with seed (the global
+    one is left as it was): the random-init baseline of the same network."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = VisionTransformer(img_size=model.img_size, patch_size=model.patch_size,
+                                  embed_dim=model.embed_dim, depth=len(model.blocks),
+                                  num_heads=model.num_heads,
+                                  mlp_ratio=model.blocks[0].mlp.fc1.out_features / model.embed_dim)
+    return fresh.eval()
+
+
 def describe(model: VisionTransformer) -> str:
     """'vit_small/16' for a size in ARCHS, else its dimensions, e.g. 'ViT D=96 depth 3 heads 4/8'."""
     dims = (model.embed_dim, len(model.blocks), model.num_heads)

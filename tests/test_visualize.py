@@ -13,6 +13,7 @@ import torch
 
 import data
 import dino
+import knn_eval
 import vit
 import visualize
 
@@ -72,16 +73,16 @@ def test_attention_maps_are_on_the_patch_grid_and_rows_sum_to_one():
 def test_mask_on_a_hand_worked_example():
     a = torch.tensor([0.1, 0.4, 0.2, 0.3])
     # ascending 0.1 0.2 0.3 0.4, cumsum 0.1 0.3 0.6 1.0, > 1 − 0.6 keeps 0.3 and 0.4
-    assert visualize.attention_mask(a, 0.6).tolist() == [False, True, False, True]
+    assert knn_eval.attention_mask(a, 0.6).tolist() == [False, True, False, True]
     # unnormalised input gives the same mask
-    assert visualize.attention_mask(10 * a, 0.6).tolist() == [False, True, False, True]
+    assert knn_eval.attention_mask(10 * a, 0.6).tolist() == [False, True, False, True]
 
 
 @pytest.mark.parametrize("share", [0.3, 0.6, 0.9])
 def test_mask_is_the_smallest_set_holding_the_share(share):
     g = torch.Generator().manual_seed(1)
     a = torch.rand(5, 8, generator=g, dtype=torch.float64) ** 3  # (rows, n), skewed like attention
-    masks = visualize.attention_mask(a, share)
+    masks = knn_eval.attention_mask(a, share)
     for row, mask in zip(a, masks):
         p = row / row.sum()
         assert p[mask].sum() >= share - 1e-12

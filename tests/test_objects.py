@@ -1,0 +1,279 @@
+"""The built-in `objects` set and the paper's segmentation measure (Section 4.2.1): the Jaccard of
+the 60 % attention masks against a brute-force computation on hand-made maps, the masks against
+their images, the knn_eval line, the outline on the figure, and the supervised baseline."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import data
+import dino
+import knn_eval
+import vit
+import visualize
+
+
+# -- the measure, brute force: plain Python over lists, written from the rule's words -------------
+
+def brute_force_mask(values, share):
+    """Keep position i when the mass of every value ≤ a_i (ties included) exceeds 1 − share."""
+    total = sum(values)
+    p = [v / total for v in values]
+    return [sum(q for q in p if q <= p_i) > 1 - share for p_i in p]
+
+
+def brute_force_jaccard(kept_patches, grid_w, patch, truth):
+    """IoU of the patch mask, spread over its pixels, with a ground truth given as rows of 0/1."""
+    inter = union = 0
+    for r, row in enumerate(truth):
+        for c, t in enumerate(row):
+            a = kept_patches[(r // patch) * grid_w + c // patch]
+            inter += a and t
+            union += a or t
+    return 1.0 if union == 0 else inter / union
+
+
+def test_mask_on_hand_worked_maps_with_ties():
+    # ascending 0.1 0.2 0.2 0.5: the two 0.2 straddle the boundary 1 − 0.6 = 0.4 (cumsum 0.3 and
+    # 0.5); they are kept together, whatever order a sort puts them in
+    a = torch.tensor([0.2, 0.5, 0.1, 0.2])
+    assert knn_eval.attention_mask(a, 0.6).tolist() == [True, True, False, True]
+    assert knn_eval.attention_mask(a[[3, 1, 2, 0]], 0.6).tolist() == [True, True, False, True]
+    # a tie wholly below the boundary (cumsum at its end 0.3) is dropped together
+    b = torch.tensor([0.15, 0.5, 0.15, 0.2])
+    assert knn_eval.attention_mask(b, 0.6).tolist() == [False, True, False, True]
+    # a uniform map keeps every position
+    assert knn_eval.attention_mask(torch.full((6,), 0.3), 0.6).all()
+
+
+class FixedAttention(nn.Module):
+    """A 'backbone' whose last attention is given: (B, heads, 1 + N, 1 + N), [CLS] row set."""
+
+    def __init__(self, cls_rows, patch):
+        super().__init__()
+        self.cls_rows, self.patch_size = cls_rows, patch  # (B, heads, N)
+
+    def get_last_selfattention(self, x):
+        B, heads, N = self.cls_rows.shape
+        attn = torch.full((B, heads, 1 + N, 1 + N), 1.0 / (1 + N))
+        attn[:, :, 0, 0] = 0.0
+        attn[:, :, 0, 1:] = self.cls_rows
+        return attn
+
+
+def test_jaccard_against_brute_force_on_hand_made_maps():
+    patch, gh, gw = 2, 2, 3  # images of 4 x 6 px, 6 patches
+    rows = torch.tensor([
+        [[0.1, 0.2, 0.2, 0.5, 0.0, 0.0],     # a tie at the boundary (kept whole)
+         [1, 1, 1, 1, 1, 1.0]],              # uniform: all kept
+        [[0.05, 0.05, 0.3, 0.3, 0.2, 0.1],   # a tie at the top
+         [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]],    # one patch holds everything
+        [[0.35, 0.1, 0.1, 0.1, 0.05, 0.3],   # a tie of three below the boundary
+         [0.2, 0.2, 0.2, 0.2, 0.1, 0.1]],    # a tie of four straddling the boundary
+    ])
+    truths = [
+        [[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 0, 0]],
+        [[0] * 6] * 4,                      # empty ground truth
+        [[1] * 6] * 4,                      # the whole frame is foreground
+    ]
+    masks = torch.tensor(truths, dtype=torch.bool)  # (3, 4, 6)
+    x = torch.zeros(3, 3, gh * patch, gw * patch)
+    got = knn_eval.attention_jaccard(FixedAttention(rows, patch), [(x, masks)], share=0.6)
+    assert got.shape == (3, 2)
+    for i in range(3):
+        for h in range(2):
+            kept = brute_force_mask(rows[i, h].tolist(), 0.6)
+            expected = brute_force_jaccard(kept, gw, patch, truths[i])
+            assert got[i, h].item() == pytest.approx(expected), (i, h)
+    # by hand: image 0, head 0 keeps patches 1, 2, 3 (the tied 0.2s and 0.5): 12 px against the
+    # truth's 10, 2 shared → 2 / 20; an empty truth scores 0; a full one the share of the frame
+    # kept: 0.3 and 0.35 (2 of 6 patches), then the tie of four 0.2s kept whole (4 of 6; the
+    # authors' sort would keep 3 of them, in an order of its choosing)
+    assert got[0, 0].item() == pytest.approx(2 / 20)
+    assert got[1].tolist() == [0.0, 0.0]
+    assert got[2, 0].item() == pytest.approx(2 / 6)
+    assert got[2, 1].item() == pytest.approx(4 / 6)
+
+
+def test_jaccard_of_empty_and_full_masks():
+    empty, full = torch.zeros(4, 4, dtype=torch.bool), torch.ones(4, 4, dtype=torch.bool)
+    assert knn_eval.jaccard(empty, empty).item() == 1.0  # two empty masks agree
+    assert knn_eval.jaccard(full, empty).item() == 0.0
+    half = full.clone()
+    half[:2] = False
+    assert knn_eval.jaccard(half, full).item() == 0.5
+
+
+def test_report_headline_is_the_best_head():
+    per_image = torch.tensor([[0.2, 0.6, 0.4], [0.4, 0.8, 0.0]])
+    lines, headline = knn_eval.jaccard_report(per_image)
+    assert headline == "0.700"
+    assert "jaccard@60=0.700" in lines and "jaccard@60_mean_heads=0.400" in lines
+    assert "best head (2) 0.700" in lines[0]
+
+
+# -- the data set --------------------------------------------------------------------------------
+
+def edges(images):
+    """|horizontal| + |vertical| differences of gray images (N, H, W), cropped to (N, H-1, W-1)."""
+    g = images[:, 0].float()
+    return (g[:, 1:, :-1] - g[:, :-1, :-1]).abs() + (g[:, :-1, 1:] - g[:, :-1, :-1]).abs()
+
+
+def test_objects_masks_match_their_images():
+    d = data.make_objects(300, seed=5)
+    S = data.OBJECTS_SIZE
+    assert d.images.shape == (300, 3, S, S) and d.masks.shape == (300, S, S)
+    assert d.masks.dtype == torch.bool
+    share = d.masks.float().mean((1, 2))
+    assert share.min() > 0.1 and share.max() < 0.6
+    # the lattice lives in the object: its pixels have sharp edges, the smooth clutter has few;
+    # a mask that were shifted, transposed or drawn from another image would mix the two
+    e, inside = edges(d.images), d.masks[:, :-1, :-1]
+    eroded = inside & ~edges(d.masks[:, None].expand(-1, 3, -1, -1).to(torch.uint8)).bool()
+    mean_in = (e * eroded).sum((1, 2)) / eroded.sum((1, 2)).clamp_min(1)
+    mean_out = (e * ~inside).sum((1, 2)) / (~inside).sum((1, 2))
+    assert (mean_in > mean_out).all() and (mean_in > 2 * mean_out).float().mean() > 0.8
+    # and the sharp edges (a step of more than 60 gray levels: the lattice and the object's rim,
+    # not the clutter) lie on the mask or next to it, in every image but a few; a mask shifted
+    # by 2 px keeps them in fewer than half the images
+    grown = torch.nn.functional.max_pool2d(d.masks[:, None].float(), 3, 1, 1)[:, 0, :-1, :-1] > 0
+    strong = e > 60
+    on_mask = (strong & grown).sum((1, 2)) / strong.sum((1, 2)).clamp_min(1)
+    assert on_mask.mean() > 0.99 and (on_mask > 0.95).float().mean() > 0.98
+    assert torch.equal(d.images[:, 0], d.images[:, 1])  # gray, as shapes
+
+
+def test_objects_are_deterministic_and_the_background_ignores_the_class():
+    a, b = data.make_objects(40, seed=3), data.make_objects(40, seed=3)
+    assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
+    assert torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.images, data.make_objects(40, seed=4).images)
+    # the background's gray level says nothing about the class: class means of the mean
+    # background pixel vary less than the images of one class do
+    d = data.make_objects(1600, seed=2, size=32)
+    g = d.images[:, 0].float()
+    background = (g * ~d.masks).sum((1, 2)) / (~d.masks).sum((1, 2))
+    class_means = torch.stack([background[d.labels == k].mean() for k in range(8)])
+    within = torch.stack([background[d.labels == k].std() for k in range(8)])
+    assert class_means.std() < 0.2 * within.mean()
+
+
+def test_load_data_gives_objects_with_masks_on_both_splits(monkeypatch):
+    drawn = []
+    monkeypatch.setitem(data.BUILT_IN, "objects",  # 1 % of the images, for speed
+                        lambda n, seed: drawn.append((n, seed)) or data.make_objects(n // 100, seed))
+    name, train, evaluation = data.load_data("objects")
+    S = data.OBJECTS_SIZE
+    assert name == "objects" and drawn == [(10_000, 0), (2_000, 1)]
+    assert train.images.shape[-1] == S and evaluation.masks.shape == (20, S, S)
+    assert data.peek("objects") == ("objects", S)
+    cfg = dino.make_config({}, S, "objects")  # the built-in preset, 8 x 8 patches of the global view
+    assert cfg.arch == "vit_nano" and cfg.global_crops_size == S == 8 * cfg.patch_size
+
+
+# -- knn_eval and visualize use the measure ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint of small untrained networks, as dino.py writes it, trained 'on objects'."""
+    run = tmp_path_factory.mktemp("objects_run")
+    cfg = dino.make_config(dict(data="objects", out_dim=64, hidden_dim=64, bottleneck_dim=32,
+                                output_dir=str(run)), image_size=data.OBJECTS_SIZE, name="objects")
+    student, teacher = dino.build_networks(cfg, "cpu")
+    torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(),
+                "config": dino.config_to_dict(cfg)}, run / "checkpoint.pth")
+    return run / "checkpoint.pth"
+
+
+def test_knn_eval_prints_the_jaccard_where_the_split_has_masks(checkpoint, monkeypatch):
+    small = {name: (lambda make: lambda n, seed: make(n // 20, seed))(make)  # 500 + 100 images
+             for name, make in data.BUILT_IN.items()}
+    monkeypatch.setattr(data, "BUILT_IN", small)
+    lines = []
+    knn_eval.main(["--checkpoint", str(checkpoint), "--data", "objects", "--device", "cpu"],
+                  log=lines.append)
+    found = [re.fullmatch(r"jaccard@60=(\d\.\d{3})", line) for line in lines]
+    value = float(next(m for m in found if m).group(1))
+    # the same number from the functions themselves
+    backbone = vit.load_backbone(checkpoint)
+    _, _, evaluation = data.load_data("objects")
+    per_image = knn_eval.attention_jaccard(backbone, data.mask_batches(evaluation, backbone.img_size))
+    assert value == pytest.approx(per_image.mean(0).max().item(), abs=5e-4)
+    assert any(line.startswith("attention masks keeping 60 %") for line in lines)
+    # shapes has no masks: no Jaccard
+    lines = []
+    knn_eval.main(["--checkpoint", str(checkpoint), "--data", "shapes", "--device", "cpu"],
+                  log=lines.append)
+    assert not any("jaccard" in line for line in lines)
+
+
+def write_png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_a_folder_with_masks_is_measured_and_half_masked_folders_are_refused(tmp_path, checkpoint):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "voc_like"
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            for i in range(4):
+                write_png(root / split / cls / f"{i}.png",
+                          rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+                if split == "val":
+                    m = np.zeros((32, 32), dtype=np.uint8)
+                    m[8:24, 4 + i:20 + i] = 255
+                    write_png(root / "masks" / split / cls / f"{i}.png", m)
+    _, _, evaluation = data.load_data(str(root))
+    assert evaluation.masks.shape == (8, 32, 32) and evaluation.masks.sum() == 8 * 16 * 16
+    lines = []
+    knn_eval.main(["--checkpoint", str(checkpoint), "--data", str(root), "--device", "cpu",
+                   "--random_init"], log=lines.append)
+    assert any(re.fullmatch(r"jaccard@60=\d\.\d{3}", line) for line in lines)
+    assert any("untrained ViT" in line for line in lines)
+    (root / "masks" / "val" / "b" / "2.png").unlink()
+    with pytest.raises(data.DinoError, match="masks for 7 of the 8 evaluation images"):
+        data.load_data(str(root))
+
+
+def test_the_attention_figure_draws_the_ground_truth_outline():
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=4).eval()
+    d = data.make_objects(1, seed=1, size=32)
+    with_outline = visualize.attention_figure(model, d.images[0], mask=d.masks[0])
+    without = visualize.attention_figure(model, d.images[0])
+    outlined = [ax for ax in with_outline.axes if ax.collections]
+    assert len(outlined) == 1 + 6  # the image; the bottom row: the image, 4 heads, their mean
+    assert not any(ax.collections for ax in without.axes)
+    assert any(ax.get_title().startswith("Jaccard") for ax in with_outline.axes)
+
+
+# -- the supervised baseline ---------------------------------------------------------------------
+
+def test_supervised_baseline_trains_the_backbone_with_labels_and_leaves_the_dino_head(tmp_path):
+    d = data.make_objects(64, seed=0, size=32)
+    cfg = dino.make_config(dict(data="objects", supervised=True, batch_size=16, epochs=2,
+                                patch_size=4, global_crops_size=32, local_crops_size=16,
+                                warmup_epochs=0, out_dim=64, hidden_dim=64, bottleneck_dim=32,
+                                local_crops_number=0, lr=0.05, min_lr=1e-3, device="cpu",
+                                output_dir=str(tmp_path)), 32, "objects")
+    trainer = dino.Trainer(cfg, d, d, quiet=True)
+    head = {k: v.clone() for k, v in trainer.student.head.state_dict().items()}
+    backbone = {k: v.clone() for k, v in trainer.student.backbone.state_dict().items()}
+    # the labels of a step are those of the images its views are cut from
+    order = data.epoch_order(64, cfg.seed, 1)
+    assert torch.equal(trainer.labels_at(trainer.steps_per_epoch + 2), d.labels[order[32:48]])
+    history = trainer.fit(log=lambda *_: None)
+    assert history[-1]["loss"] < history[0]["loss"]  # cross-entropy falls on 64 images
+    assert all(torch.equal(v, trainer.student.head.state_dict()[k]) for k, v in head.items())
+    assert any(not torch.equal(v, trainer.student.backbone.state_dict()[k]) for k, v in backbone.items())
+    ck = data.load_checkpoint(tmp_path / "checkpoint.pth")
+    assert "classifier" in ck and ck["config"]["supervised"]
+    # the teacher is a copy of the trained student: knn_eval and visualize read it as a run's teacher
+    teacher = vit.load_backbone(tmp_path / "checkpoint.pth")
+    assert all(torch.equal(v, trainer.student.backbone.state_dict()[k]) for k, v in teacher.state_dict().items())
