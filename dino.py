@@ -816,7 +816,7 @@ class Trainer:
         self.cfg.steps = steps
         self.schedule = schedules(self.cfg, self.steps_per_epoch, self.world)
         self.total_steps = len(self.schedule["lr"])  # T
-        self.epochs_to_run = math.ceil(self.total_steps / self.steps_per_epoch)  # the last may be cut
+        self.epochs_to_run = math.ceil(self.total_steps / max(self.steps_per_epoch, 1))  # the last may be cut
         self.record_every = record_every(self.total_steps, self.cfg.log_every)
 
     def use_supervised_baseline(self):

@@ -63,7 +63,7 @@ def save_checkpoint(state, path):
 def dino_loss(*args, **kwargs):
     loss, stats = original_loss(*args, **kwargs)
     trainer = trainers[-1]
-    if env("DINO_TEST_NAN_AT") is not None and trainer._it >= env("DINO_TEST_NAN_AT"):
+    if env("DINO_TEST_NAN_AT") is not None and getattr(trainer, "_it", -1) >= env("DINO_TEST_NAN_AT"):
         loss = loss * float("nan")
     return loss, stats
 

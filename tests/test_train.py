@@ -123,7 +123,9 @@ def test_image_folder_trains_and_skips_a_corrupt_file(tmp_path):
 
 def test_time_estimate_is_readable_and_points_a_cpu_user_to_the_quick_run(monkeypatch):
     assert [dino.duration(m) for m in (7.4, 210, 6938)] == ["7 min", "3.5 h", "4.8 days"]
-    cfg = dino.make_config({"device": "cpu", "data": "./cifar10"}, image_size=32, name="cifar10")
+    # the full recipe on a CPU (the CPU recipe has its time limit and bf16 instead)
+    cfg = dino.make_config({"device": "cpu", "data": "./cifar10", "time_limit": 0, "batch_size": 256,
+                            "precision": "fp32"}, image_size=32, name="cifar10")
     images = data.ImageSet(labels=torch.zeros(512, dtype=torch.long), classes=["a"],
                            images=torch.zeros(512, 3, 32, 32, dtype=torch.uint8))
     trainer = dino.Trainer(cfg, images, None, quiet=True)
