@@ -899,10 +899,11 @@ class Trainer:
 
     def fit_to_time_limit(self, log):
         """--time_limit: plan T, the steps that fit in the minutes left at the measured speed (less
-        5 % for saves and records; never more than --epochs), and lay the schedules over them."""
+        8 % for saves, records and a busy machine; never more than --epochs), and lay the schedules
+        over them."""
         per_step = self.seconds_per_step()
         left = 60 * self.cfg.time_limit - self.training_seconds()
-        fit, epochs = int(0.95 * left / per_step), self.cfg.epochs * self.steps_per_epoch
+        fit, epochs = int(0.92 * left / per_step), self.cfg.epochs * self.steps_per_epoch
         require(fit >= 1, f"--time_limit {self.cfg.time_limit} min is shorter than one step here "
                           f"({per_step:.1f} s); raise it")
         self.plan(fit if fit < epochs else 0)  # 0: the epochs set T, and a resume may raise them
@@ -911,9 +912,11 @@ class Trainer:
                f"over them (--steps {fit})" if fit < epochs else
                f"all {self.cfg.epochs} epochs fit ({epochs} steps, about {epochs * per_step / 60:.0f} min)"))
 
-    def seconds_per_step(self, warmup=2, timed=6) -> float:
+    def seconds_per_step(self, warmup=3, seconds=8.0, most=60) -> float:
         """The time of a step, measured on throwaway networks and optimizer like the run's (the
-        run itself starts from its untouched step 0); the slowest process's, under torchrun."""
+        run itself starts from its untouched step 0): about `seconds` of steps after `warmup`, at
+        least 5 (a handful of steps varies by 30 % on a busy 2-core machine); the slowest
+        process's, under torchrun, where the processes agree on how many steps to time."""
         student, teacher = build_networks(self.cfg, self.device)  # as fast as the run's, and apart
         optimizer = make_optimizer(self.cfg, student)
         student_fn, teacher_fn = self.wrapped(student, ddp=self.world > 1), self.wrapped(teacher, ddp=False)
@@ -921,12 +924,18 @@ class Trainer:
         views = itertools.chain.from_iterable(  # epochs 0, 1, ... of the data, for tiny data sets
             train_batches(self.train_set, self.cfg, e, self.device, 0, self.rank, self.world)
             for e in itertools.count())
-        for i, (v, _) in enumerate(itertools.islice(views, warmup + timed)):
-            if i == warmup:
-                t0 = time.time()
-            loss, _, center = train_step(student_fn, teacher_fn, center, v, optimizer, self.cfg, at)
-            loss.item()  # wait for the device
-        return float(all_reduce_max(torch.tensor((time.time() - t0) / timed, device=self.device)))
+
+        def steps(n):
+            nonlocal center
+            t0 = time.time()
+            for v, _ in itertools.islice(views, n):
+                loss, _, center = train_step(student_fn, teacher_fn, center, v, optimizer, self.cfg, at)
+                loss.item()  # wait for the device
+            return time.time() - t0
+
+        first = steps(warmup) / warmup  # a guess at the speed, to choose how many steps to time
+        timed = int(all_reduce_max(torch.tensor(min(most, max(5, seconds / first)), device=self.device)))
+        return float(all_reduce_max(torch.tensor(steps(timed) / timed, device=self.device)))
 
     def open_run_files(self):
         """The run folder: config.json with the effective values (dino.config_from_dict reads it
