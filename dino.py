@@ -1009,7 +1009,8 @@ class Trainer:
                 bar.write(self.time_estimate((time.time() - self.warm_since) / 3, epoch, step))
         if step % 10 == 0:
             self.check_finite()
-            bar.set_postfix(loss=f"{loss.item():.3f}", h_t=f"{stats['teacher_entropy'].item():.2f}")
+            h_t = stats["teacher_entropy"].item()  # NaN for the supervised baseline
+            bar.set_postfix(loss=f"{loss.item():.3f}", **({} if math.isnan(h_t) else {"h_t": f"{h_t:.2f}"}))
 
     def record_step(self, iteration, loss, stats):
         """One line of steps.jsonl (and TensorBoard scalars): the step's loss and collapse
@@ -1282,9 +1283,11 @@ STEP_SCALARS = ("loss", "teacher_entropy", "kl", "center_norm", "lr", "wd", "mom
 
 
 def format_record(r: dict) -> str:
-    text = (f"epoch {r['epoch']:>3}  loss {r['loss']:.4f}  h(P_t) {r['teacher_entropy']:.3f}"
-            f"/{r['log_K']:.2f}  KL {r['kl']:.3f}  |c| {r['center_norm']:.3f}  lr {r['lr']:.2e}  "
-            f"{r['seconds']:.0f}s")
+    text = f"epoch {r['epoch']:>3}  loss {r['loss']:.4f}  "
+    if not math.isnan(r["teacher_entropy"]):  # NaN: the supervised baseline, which has no teacher
+        text += (f"h(P_t) {r['teacher_entropy']:.3f}/{r['log_K']:.2f}  KL {r['kl']:.3f}  "
+                 f"|c| {r['center_norm']:.3f}  ")
+    text += f"lr {r['lr']:.2e}  {r['seconds']:.0f}s"
     if "knn_top1" in r:
         text += f"  k-NN top-1 {r['knn_top1']:.2f}%"
     return text
