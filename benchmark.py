@@ -27,6 +27,7 @@ import time
 
 import torch
 
+import augment
 import data
 import dino
 import vit
@@ -68,7 +69,7 @@ def authors_pipeline(cfg: dino.Config) -> list:
         if spec.solarize:
             ops.append(T.RandomSolarize(128, p=spec.solarize))
         ops += [T.PILToTensor(), T.ToDtype(torch.float32, scale=True),
-                T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]
+                T.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD)]
         views.append(T.Compose(ops))
     return views
 
@@ -87,15 +88,25 @@ def main(argv=None):
     cfg = dino.parse_config(argv)
     name, train, _ = data.load_data(cfg.data)
     data.require(train.images is not None, "benchmark.py needs an in-memory data set (shapes or CIFAR-10)")
-    steps, warmup = own.steps, own.warmup
     trainer = dino.Trainer(cfg, train, None, quiet=True)
-    device, n = trainer.device, cfg.batch_size
-    images = trainer.train_set.images  # on the GPU when training there
-    print(f"{name}: {cfg.arch}/{cfg.patch_size}, batch {n}, 2x{cfg.global_crops_size} + "
+    device = trainer.device
+    print(f"{name}: {cfg.arch}/{cfg.patch_size}, batch {cfg.batch_size}, 2x{cfg.global_crops_size} + "
           f"{cfg.local_crops_number}x{cfg.local_crops_size} px views, K={cfg.out_dim}, on {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
              f" ({torch.get_num_threads()} threads)"))
+    fixed = time_the_step(trainer, own.steps, own.warmup)
+    options = [o for o in own.options.split(",") if o]
+    if options:
+        compare_options(trainer, train, fixed, options, own.steps, own.warmup)
+    print(data.peak_memory(device))
+    return 0
 
+
+def time_the_step(trainer, steps: int, warmup: int) -> list:
+    """Samples/s of the whole step, of the model alone (fixed views) and of the augmentations,
+    batched and per image as the authors' pipeline makes them; returns the fixed views."""
+    cfg, device, n = trainer.cfg, trainer.device, trainer.cfg.batch_size
+    images = trainer.train_set.images  # on the GPU when training there
     state = {"step": 0}
 
     def batch_views():
@@ -107,63 +118,62 @@ def main(argv=None):
     fixed = batch_views()
     whole = timed(lambda: trainer.step(batch_views(), 0), device, steps, warmup)
     model = timed(lambda: trainer.step(fixed, 0), device, steps, warmup)
-    augment = timed(batch_views, device, steps, warmup)
-    rows = [("whole step", whole), ("model only (fwd+bwd+update)", model), ("augment, batched", augment)]
-
+    batched = timed(batch_views, device, steps, warmup)
     # the authors' per-image pipeline, on PIL images, in this one process
     from torchvision.transforms.v2.functional import to_pil_image
     pil = [to_pil_image(img) for img in images[:n].cpu()]
     pipeline = authors_pipeline(cfg)
     per_image = timed(lambda: [[view(im) for view in pipeline] for im in pil],
                       torch.device("cpu"), max(1, steps // 2), 1)
-    rows.append(("augment, per image (authors', 1 process)", per_image))
-
+    rows = [("whole step", whole), ("model only (fwd+bwd+update)", model), ("augment, batched", batched),
+            ("augment, per image (authors', 1 process)", per_image)]
     print(f"{'':42s} {'samples/s':>10s} {'ms/step':>9s}")
     for label, seconds in rows:
         print(f"{label:42s} {n / seconds:10.1f} {1000 * seconds:9.1f}")
     print(f"whole / model only = {whole / model:.3f} (the model's share of the step: {model / whole:.0%})")
-    print(f"batched / per-image augmentation = {per_image / augment:.1f}x the views/s")
+    print(f"batched / per-image augmentation = {per_image / batched:.1f}x the views/s")
+    return fixed
 
-    # model options, each on the model-only step from the same weights and views
-    options = [o for o in own.options.split(",") if o]
-    if options:
-        start = {k: v.clone() for k, v in trainer.student.state_dict().items()}
 
-        def measure(**changes):
-            variant = dino.Trainer(dataclasses.replace(cfg, **changes), train, None, quiet=True)
-            variant.student.load_state_dict(start)
-            variant.teacher.load_state_dict(start)
-            torch.manual_seed(0)
-            loss = variant.step(fixed, 0)[0].item()
-            return timed(lambda: variant.step(fixed, 0), device, steps,
-                         warmup + (2 if changes.get("compile") else 0)), loss
+def compare_options(trainer, train, fixed, options: list, steps: int, warmup: int):
+    """The model-only step under each option (explicit attention, the other precision,
+    torch.compile), from the same weights and views as the baseline."""
+    cfg, device, n = trainer.cfg, trainer.device, trainer.cfg.batch_size
+    start = {k: v.clone() for k, v in trainer.student.state_dict().items()}
 
-        base_precision = "bf16" if trainer.bf16 else "fp32"
-        explicit_anyway = trainer.bf16 and vit.Attention.slow_sdpa(torch.bfloat16, device)
-        base, base_loss = measure()
-        print(f"\nmodel-only step, options (baseline: {'explicit softmax' if explicit_anyway else 'SDPA'}, "
-              f"{base_precision}, eager: {n / base:.1f} samples/s, first loss {base_loss:.5f})")
-        trials = []
-        if "sdpa" in options and not explicit_anyway:
-            trials.append(("explicit softmax instead of SDPA", dict(), "explicit"))
-        if "precision" in options:
-            other = "fp32" if base_precision == "bf16" else "bf16"
-            trials.append((f"{other} autocast instead of {base_precision}", dict(precision=other), None))
-        if "compile" in options:
-            trials.append(("torch.compile", dict(compile=True), None))
-        for label, changes, attention in trials:
-            vit.Attention.fused = attention != "explicit"
-            try:
-                seconds, loss = measure(**changes)
-            except Exception as e:  # e.g. no C++ compiler for torch.compile: report and go on
-                print(f"  {label:38s} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
-                continue
-            finally:
-                vit.Attention.fused = True
-            print(f"  {label:38s} {n / seconds:8.1f} samples/s  speed-up {base / seconds:5.2f}x  "
-                  f"first loss {loss:.5f} (Δ {loss - base_loss:+.1e})")
-    print(data.peak_memory(device))
-    return 0
+    def measure(**changes):
+        variant = dino.Trainer(dataclasses.replace(cfg, **changes), train, None, quiet=True)
+        variant.student.load_state_dict(start)
+        variant.teacher.load_state_dict(start)
+        torch.manual_seed(0)
+        loss = variant.step(fixed, 0)[0].item()
+        return timed(lambda: variant.step(fixed, 0), device, steps,
+                     warmup + (2 if changes.get("compile") else 0)), loss
+
+    base_precision = "bf16" if trainer.bf16 else "fp32"
+    explicit_anyway = trainer.bf16 and vit.Attention.slow_sdpa(torch.bfloat16, device)
+    base, base_loss = measure()
+    print(f"\nmodel-only step, options (baseline: {'explicit softmax' if explicit_anyway else 'SDPA'}, "
+          f"{base_precision}, eager: {n / base:.1f} samples/s, first loss {base_loss:.5f})")
+    trials = []
+    if "sdpa" in options and not explicit_anyway:
+        trials.append(("explicit softmax instead of SDPA", dict(), "explicit"))
+    if "precision" in options:
+        other = "fp32" if base_precision == "bf16" else "bf16"
+        trials.append((f"{other} autocast instead of {base_precision}", dict(precision=other), None))
+    if "compile" in options:
+        trials.append(("torch.compile", dict(compile=True), None))
+    for label, changes, attention in trials:
+        vit.Attention.fused = attention != "explicit"
+        try:
+            seconds, loss = measure(**changes)
+        except Exception as e:  # e.g. no C++ compiler for torch.compile: report and go on
+            print(f"  {label:38s} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+            continue
+        finally:
+            vit.Attention.fused = True
+        print(f"  {label:38s} {n / seconds:8.1f} samples/s  speed-up {base / seconds:5.2f}x  "
+              f"first loss {loss:.5f} (Δ {loss - base_loss:+.1e})")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ the student; centering and sharpening its output keep the two from collapsing to
 
 Part I, the method, in the order of the paper's Section 3.1 and Algorithm 1: 1. hyperparameters,
 2. head, 3. loss with centering and sharpening, 4. teacher EMA, 5. schedules, 6. multi-crop views,
-7. one training step. Part II, running it: 8. presets (8b. a supervised baseline), 9. batches,
-10. several processes, 11. the training loop, 12. the command line. Data: data.py; the ViT: vit.py.
+7. one training step. Part II, running it: 8. presets, 9. batches, 10. several processes, 11. the
+training loop (11b. a supervised baseline beside it, 11c. the run's records), 12. the command line.
+Data: data.py; the ViT: vit.py; the augmentations' pixel operations: augment.py; checkpoint
+files and weight loading: checkpoint.py.
 Run `python dino.py` (built-in data, ~4 min on a laptop CPU) or `python dino.py --data ./cifar10`.
 """
 
@@ -41,6 +43,8 @@ from einops import rearrange
 from torchvision.transforms import v2 as transforms
 from tqdm import tqdm  # plain bars: the notebooks train quietly, and tqdm.auto warns there
 
+import augment
+import checkpoint
 import data
 import vit
 from data import DinoError, ImageSet, require
@@ -120,7 +124,7 @@ class Config:
     init_from: str = flag("", "start from a backbone or full checkpoint (README: Warm start)", "file")
     log_every: int = flag(0, "a record in steps.jsonl every N steps (0 = at least 100 per run)", ">=0")
     tensorboard: bool = flag(False, "step records also to OUTPUT_DIR/tensorboard (pip install tensorboard)")
-    supervised: bool = flag(False, "not DINO: the labelled baseline (section 8b): same ViT, views, steps")
+    supervised: bool = flag(False, "not DINO: the labelled baseline (section 11b): same ViT, views, steps")
 
 
 # -- 2. The projection head. g_θ = head ∘ backbone; the backbone is vit.VisionTransformer.
@@ -313,7 +317,7 @@ def sample_view_params(n, height, width, size, scale, spec: ViewSpec, generator)
     b, c, s, h = (JITTER[k] for k in ("brightness", "contrast", "saturation", "hue"))
     lo, hi = BLUR_SIGMA[0] * size / 224, max_blur_sigma(size)
     return dict(
-        box=data.sample_crop_boxes(n, height, width, scale, generator=generator),  # (n, 4)
+        box=augment.sample_crop_boxes(n, height, width, scale, generator=generator),  # (n, 4)
         flip=rand(n) < spec.flip,
         jitter=rand(n) < spec.jitter,
         factors=torch.stack([1 - b + 2 * b * rand(n), 1 - c + 2 * c * rand(n),
@@ -349,8 +353,25 @@ def multicrop(images_u8, cfg: Config, generator, batch=None, rows=None):
         if rows is not None:
             params = [{k: v[rows] for k, v in p.items()} for p in params]
         p = {k: torch.cat([q[k] for q in params]) for k in params[0]}  # (len(group)·n, ...)
-        v = data.crop_resize_flip(x.repeat(len(group), 1, 1, 1), p["box"], p["flip"], size)
-        views += list(data.normalize(data.photometric(v, p, max_blur_sigma(size))).split(n))
+        v = augment.crop_resize_flip(x.repeat(len(group), 1, 1, 1), p["box"], p["flip"], size)
+        views += list(augment.normalize(augment.photometric(v, p, max_blur_sigma(size))).split(n))
+    return views
+
+
+def finish_views(crops, cfg: Config, generator, batch=None, rows=None):
+    """The views of images cropped one by one (folders of any size: per_image_crops, in the data
+    loader's workers): [2 global, V local], each (n, 3, S, S) uint8 → flipped, photometric
+    operations, normalised, as multicrop finishes its own crops. The random parameters are drawn
+    for `batch` images (default: n) and this process keeps `rows`, as in multicrop."""
+    views = []
+    for name, v in zip(view_names(cfg.local_crops_number), crops):
+        v = v.float() / 255
+        size = v.shape[-1]
+        p = sample_view_params(batch or len(v), size, size, size, (1.0, 1.0), VIEW_SPECS[name], generator)
+        if rows is not None:
+            p = {k: t[rows] for k, t in p.items()}
+        v = torch.where(p["flip"].view(-1, 1, 1, 1), v.flip(-1), v)  # the crop was done per image
+        views.append(augment.normalize(augment.photometric(v, p, max_blur_sigma(size))))
     return views
 
 
@@ -444,27 +465,22 @@ def preset_for(image_size: int, name: str, gpu: bool = False, budget: bool = Tru
     if name in ("shapes", "objects"):
         # The built-in sets: a model and schedule sized for ~4 minutes on a 2-core CPU (4 epochs of
         # 312 steps). Where we knowingly differ from the authors' ViT recipe, for runs this short
-        # (k-NN top-1 of 5-epoch runs unless noted; raw pixels give 22.3 %):
+        # (the measurements: docs/experiments.md, "Built-in presets"):
         # - τ_t stays at 0.04: warming it to 0.07 drifted towards the uniform collapse;
         # - BatchNorm in the head (the authors use it for ResNets, not ViTs): without it the
-        #   k-NN stayed near raw pixels (19.6 % against 27.3 % with it, batch 128, 4 epochs);
+        #   k-NN stayed near raw pixels;
         # - λ starts at 0.98 and the lr decays only to 5e-4: the cosine to λ = 1 otherwise
-        #   freezes the teacher for the last epochs, and the k-NN stalls there (30.3 % at λ = 0.99,
-        #   32.3 % at 0.98, batch 128);
-        # - batches of 32 images (the authors use 1024): at the same lr per image (0.001 after the
-        #   linear scaling rule), more and smaller steps learn more in the same time: batch 128
-        #   reached 32.3 %, batch 64 37.4 %, batch 32 41.2 % (41.3 % in 4 epochs, hence 4).
+        #   freezes the teacher for the last epochs, and the k-NN stalls there;
+        # - batches of 32 images (the authors use 1024): at the same lr per image, more and
+        #   smaller steps learn more in the same time.
         preset.update(arch="vit_nano", out_dim=1024, hidden_dim=512, bottleneck_dim=128,
                       local_crops_number=4, batch_size=32, epochs=4, warmup_epochs=1,
                       teacher_temp=0.04, warmup_teacher_temp_epochs=0, momentum_teacher=0.98,
                       lr=0.008, min_lr=0.0005, use_bn_in_head=True, drop_path_rate=0.0,
                       weight_decay_end=0.1)
         if name == "objects":  # 64 px images (data.OBJECTS_SIZE): 8 px patches keep the 8 x 8 grid;
-            # the paper's crop scales, so most global crops hold the object; τ_t = 0.02: at 0.04 the
-            # teacher drifted to the uniform collapse (h(P_t) 0.97 log K by epoch 3, k-NN 15 %) on an
-            # earlier draft of the set (per-image gray levels). On the set as it is, 0.04 learned more
-            # on seeds 0 and 1 (k-NN 42.1 / 42.9 % against 34.9 / 33.6 %) and collapsed on seed 2
-            # (h(P_t) 0.998 log K by epoch 3, k-NN 24.6 % against 44.1 %): 0.02 stays
+            # the paper's crop scales, so most global crops hold the object; τ_t = 0.02: at 0.04
+            # the teacher drifted to the uniform collapse on one seed in three
             preset.update(patch_size=8, global_crops_size=64, local_crops_size=32,
                           global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4),
                           teacher_temp=0.02, warmup_teacher_temp=0.02)
@@ -473,10 +489,9 @@ def preset_for(image_size: int, name: str, gpu: bool = False, budget: bool = Tru
     return preset
 
 
-# On a CPU the GPU recipe above would take days (4.8 on a 2-core laptop CPU), so small images
-# get a recipe sized to a time budget: --time_limit 60 plans the steps that fit in an hour and
-# lays the schedules over them. Chosen by measurement on CIFAR-10, 2-core AMD EPYC (k-NN top-1 of
-# budgeted runs; the closing notes of issue 17 list every experiment):
+# On a CPU the GPU recipe above would take days, so small images get a recipe sized to a time
+# budget: --time_limit 60 plans the steps that fit in an hour and lays the schedules over them.
+# Chosen by k-NN of budgeted runs on CIFAR-10 (docs/experiments.md, "CIFAR-10 on a CPU"):
 CPU_RECIPE = dict(  # epochs: the plan's shape (10 % warm-up, ...), squeezed onto the steps that fit
     time_limit=60, arch="vit_nano", out_dim=1024, hidden_dim=512, bottleneck_dim=128,
     use_bn_in_head=True, local_crops_number=6, batch_size=64, epochs=100, warmup_epochs=10,
@@ -496,41 +511,6 @@ def cpu_recipe_note(image_size: int, name: str, minutes: float = CPU_RECIPE["tim
             f"{ours['patch_size']}, {ours['local_crops_number']} local views, batch {ours['batch_size']}, "
             f"{ours['precision']}), its schedules laid over the steps that fit; the GPU recipe would "
             f"take days here. The full recipe: {' '.join(flags)}")
-
-
-# -- 8b. The supervised baseline (--supervised), not DINO: the same ViT, views, optimizer,
-#        schedules and steps, trained with labels, for the paper's comparison of attention maps
-#        (Section 4.2.1). A linear classifier on the student's [CLS] of the 2 global views, with
-#        cross-entropy; the local views are made but not used. The teacher is a copy of the
-#        student after every step (λ = 0: an EMA would lag the backbone that was trained, by 10
-#        k-NN points on objects), so knn_eval and visualize read the trained backbone as a run's
-#        teacher.
-
-class Supervised(nn.Module):
-    """Class scores of the global views: Linear(backbone's [CLS]), (2B, C), view-major."""
-
-    def __init__(self, backbone, num_classes):
-        super().__init__()
-        self.backbone, self.classifier = backbone, nn.Linear(backbone.embed_dim, num_classes)
-
-    def forward(self, views):
-        return self.classifier(self.backbone(torch.cat(views[:2])))
-
-
-def supervised_step(model, views, labels, optimizer, cfg: Config, at: dict):
-    """One step of the baseline; returns (loss, stats) shaped as train_step's (h and KL: NaN)."""
-    for group in optimizer.param_groups:
-        group["lr"] = at["lr"]
-    optimizer.param_groups[0]["weight_decay"] = at["wd"]
-    # $$\mathcal{L} = -\frac{1}{2B} \sum_{v=1}^{2} \sum_{b} \log \mathrm{softmax}(W f(x^g_{v,b}))_{y_b}$$
-    loss = F.cross_entropy(model(views).float(), labels.repeat(2))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.clip_grad:
-        clip_gradients(model, cfg.clip_grad)
-    optimizer.step()
-    nan = torch.full((), math.nan, device=loss.device)  # no teacher distribution to measure
-    return loss.detach(), {"teacher_entropy": nan, "kl": nan}
 
 
 # -- 9. Feeding batches of views to the loop. Deterministic given (seed, epoch, step).
@@ -582,16 +562,8 @@ def train_batches(train_set: ImageSet, cfg: Config, epoch: int, device, start_st
         worker_init_fn=data.leave_ctrl_c_to_the_main_process)
     for step, (crops, unreadable) in enumerate(loader, start=start_step):
         generator = step_generator(cfg.seed, epoch, step, device)
-        views = []
-        for name, v in zip(view_names(cfg.local_crops_number), crops):
-            v = v.to(device, non_blocking=True).float() / 255
-            size = v.shape[-1]
-            p = sample_view_params(GB, size, size, size, (1.0, 1.0), VIEW_SPECS[name], generator)
-            if rows is not None:
-                p = {k: t[rows] for k, t in p.items()}
-            v = torch.where(p["flip"].view(-1, 1, 1, 1), v.flip(-1), v)  # the crop was done per image
-            views.append(data.normalize(data.photometric(v, p, max_blur_sigma(size))))
-        yield views, unreadable
+        crops = [c.to(device, non_blocking=True) for c in crops]
+        yield finish_views(crops, cfg, generator, GB, rows), unreadable
 
 
 # -- 10. Several processes (torchrun). With one process every helper here does nothing.
@@ -658,13 +630,13 @@ def gather_lists(items: list) -> list:
     return [x for part in out for x in part]
 
 
-# -- 11. The training loop: precision, fit, checkpoints, log, interruptions.
+# -- 11. The training loop: Trainer runs train_step over the planned iterations; saves, resumes
+#        and stops on a signal or the clock. Precision and several processes are wrappers here.
 
 def use_bf16(precision: str, device) -> bool:
-    """--precision auto: bf16 autocast on GPUs, fp32 on CPUs. On a CPU with bf16 in hardware
-    `--precision bf16` is faster (README, Speed), but the default stays fp32 there: results then
-    do not depend on the CPU, and over seeds 0, 1, 2 the default run scored 41.1 / 42.3 / 42.3 %
-    k-NN in fp32 against 39.3 / 38.7 / 43.2 % in bf16 (3.5-4 against 2.7-3 min, AMD EPYC)."""
+    """--precision auto: bf16 autocast on GPUs, fp32 on CPUs, so that a CPU run's results do not
+    depend on whether the CPU computes bf16 in hardware (the CPU recipe for small images asks for
+    bf16 itself: it is faster where the CPU has it)."""
     if precision != "auto":
         return precision == "bf16"
     return device.type == "cuda"
@@ -694,79 +666,8 @@ class Autocast(nn.Module):
             return self.network(views)
 
 
-def duration(minutes: float) -> str:
-    """A time for people: '7 min', '3.5 h', '4.8 days'."""
-    if minutes < 90:
-        return f"{minutes:.0f} min"
-    if minutes < 48 * 60:
-        return f"{minutes / 60:.1f} h"
-    return f"{minutes / 60 / 24:.1f} days"
-
-
 def silent(*_, **__):
     pass
-
-
-MODEL_FIELDS = ("arch", "patch_size", "out_dim", "hidden_dim", "bottleneck_dim",
-                "norm_last_layer", "use_bn_in_head", "global_crops_size", "supervised")  # a resume must keep these
-RUN_FIELDS = ("output_dir", "device", "num_workers", "save_every", "knn_every", "compile",
-              "time_limit", "strict_data", "epochs")  # free to change on a resume
-
-
-# Warm start (--init_from). Both heads normalise the last layer's rows, W_k = γ_k V_k / ‖V_k‖;
-# the authors' with the deprecated torch.nn.utils.weight_norm (γ as weight_g, V as weight_v), this
-# project's with its parametrizations, which keep the same two tensors under other names.
-AUTHORS_LAST_LAYER = {
-    "head.last_layer.weight_g": "head.last_layer.parametrizations.weight.original0",  # γ, (K, 1)
-    "head.last_layer.weight_v": "head.last_layer.parametrizations.weight.original1",  # V, (K, bottleneck)
-}
-SHAPE_FLAGS = [  # the flags that set a tensor's shape, most specific first
-    ("backbone.pos_embed", "--global_crops_size and --patch_size"),
-    ("backbone.patch_embed", "--patch_size and --arch"), ("backbone.", "--arch"),
-    ("head.last_layer", "--out_dim and --bottleneck_dim"),
-    ("head.", "--hidden_dim, --bottleneck_dim and --use_bn_in_head")]
-
-
-def warm_start_weights(obj, source: str) -> dict:
-    """{"student", "teacher": state dicts with MultiCropWrapper keys, "center": c or None} out of
-    a file's contents. A full checkpoint (teacher and student: the authors' or this project's)
-    gives each network its own backbone and head (`module.` prefixes dropped, the last layer
-    renamed from weight_g/weight_v) and the center c (the authors keep it in dino_loss). A
-    backbone alone (dino_*_pretrain.pth, an export) starts both networks; heads stay as built."""
-    full = isinstance(obj, dict) and ("teacher" in obj or "student" in obj)
-    weights = {"center": None}
-    for role in ("student", "teacher"):
-        state = {"backbone." + k: v for k, v in vit.backbone_state_dict(obj, source, role).items()}
-        if full:
-            named = {k.removeprefix("module."): v for k, v in obj[role].items() if torch.is_tensor(v)}
-            state.update({AUTHORS_LAST_LAYER.get(k, k): v for k, v in named.items() if k.startswith("head.")})
-        weights[role] = state
-    if full:
-        center = obj.get("center", (obj.get("dino_loss") or {}).get("center"))
-        weights["center"] = center if torch.is_tensor(center) else None
-    return weights
-
-
-def load_warm_start(network, state: dict, source: str, role: str):
-    """Copy state into a MultiCropWrapper: the whole backbone, and the whole head if the file has
-    one. A one-line error names the first tensor that is left over, missing or shaped otherwise."""
-    own = network.state_dict()
-    for key, value in state.items():
-        require(key in own, f"--init_from {source}: the {role}'s {key} has no place in this run's "
-                            f"network; {shape_flags(key)}")
-        require(value.shape == own[key].shape,
-                f"--init_from {source}: the {role}'s {key} is {tuple(value.shape)} in the file but "
-                f"{tuple(own[key].shape)} in this run's network; {shape_flags(key)}")
-    parts = ("backbone.", "head.") if any(k.startswith("head.") for k in state) else ("backbone.",)
-    missing = [k for k in own if k.startswith(parts) and k not in state]
-    if missing:
-        raise DinoError(f"--init_from {source}: the {role} has no {missing[0]} ({len(missing)} "
-                        f"tensor(s) missing); {shape_flags(missing[0])}")
-    network.load_state_dict({**own, **state}, strict=True)
-
-
-def shape_flags(key: str) -> str:
-    return next(f"set by {flags}" for prefix, flags in SHAPE_FLAGS if key.startswith(prefix))
 
 
 class Trainer:
@@ -796,23 +697,21 @@ class Trainer:
         self.student_fn = self.wrapped(self.student, ddp=self.world > 1)
         self.teacher_fn = self.wrapped(self.teacher, ddp=False)
         self.optimizer = make_optimizer(cfg, self.student)
-        if cfg.supervised:
-            self.use_supervised_baseline()
         self.center = torch.zeros(1, cfg.out_dim, device=self.device)  # c
         self.steps_per_epoch = len(train_set) // (cfg.batch_size * self.world)
         self.plan(cfg.steps)
         self.start_epoch, self.start_step = 0, 0
         self.history = []
-        self.progress = self.fresh_progress(0)  # the running sums of the epoch in progress
+        self.progress = EpochSums(self.device, train_set.unreadable)  # of the epoch in progress
         # the first iteration whose loss was not finite (inf: none), kept on the device
         self.first_bad = torch.tensor(math.inf, device=self.device)
-        self.stop_requested = self.saved_on_stop = False
         self.stopped_at = None  # the step an epoch stopped at when --time_limit ran out
         self.last_saved = None  # (epoch, step) of the checkpoint on disk, once one is
+        self.saved_on_stop = False
         self.log = silent
-        self.output_dir = Path(cfg.output_dir)
-        self.checkpoint_path = self.output_dir / "checkpoint.pth"
-        self.writer = None  # TensorBoard's, with --tensorboard
+        self.checkpoint_path = Path(cfg.output_dir) / "checkpoint.pth"
+        self.records = RunLog(cfg, self.rank)
+        self.clock, self.signals = Clock(cfg.time_limit), StopSignals()
 
     def plan(self, steps: int):
         """The run's length T (0: epochs x steps per epoch) and its schedules, laid over T."""
@@ -821,23 +720,6 @@ class Trainer:
         self.total_steps = len(self.schedule["lr"])  # T
         self.epochs_to_run = math.ceil(self.total_steps / max(self.steps_per_epoch, 1))  # the last may be cut
         self.record_every = record_every(self.total_steps, self.cfg.log_every)
-
-    def use_supervised_baseline(self):
-        """--supervised: the student's backbone with a linear classifier is what trains."""
-        require(self.train_set.images is not None and data.has_labels(self.train_set),
-                "--supervised needs labelled images held in memory (shapes, objects, CIFAR-10, or a "
-                "folder of small images with train/<class>/)")
-        self.supervised = Supervised(self.student.backbone, len(self.train_set.classes)).to(self.device)
-        self.student_fn = self.wrapped(self.supervised, ddp=self.world > 1)
-        self.optimizer = make_optimizer(self.cfg, self.supervised)
-
-    def labels_at(self, iteration: int):
-        """The labels of this process's images at one iteration: the rows train_batches takes."""
-        epoch, step = divmod(iteration, self.steps_per_epoch)
-        B = self.cfg.batch_size
-        start = step * B * self.world + self.rank * B
-        idx = data.epoch_order(len(self.train_set), self.cfg.seed, epoch)[start:start + B]
-        return self.train_set.labels[idx].to(self.device)
 
     def wrapped(self, network, ddp: bool):
         if ddp:
@@ -853,152 +735,103 @@ class Trainer:
         return {name: values[iteration].item() for name, values in self.schedule.items()}
 
     def step(self, views, iteration: int):
-        """train_step at one iteration of the run; returns (loss, stats) as device tensors."""
+        """One iteration of the run: update() with the schedules' values; (loss, stats) on the device."""
         # drop-path draws from the global generator: seed it per (iteration, process), so a
         # resumed run draws what an uninterrupted one would
         torch.manual_seed(data.derive_seed(self.cfg.seed, "drop_path", iteration, self.rank))
-        if self.cfg.supervised:
-            at = self.scheduled(iteration)
-            loss, stats = supervised_step(self.student_fn, views, self.labels_at(iteration),
-                                          self.optimizer, self.cfg, at)
-            update_teacher(self.teacher, self.student, 0.0)  # the teacher is a copy: see 8b
-        else:
-            loss, stats, self.center = train_step(self.student_fn, self.teacher_fn, self.center, views,
-                                                  self.optimizer, self.cfg, self.scheduled(iteration))
+        loss, stats = self.update(views, self.scheduled(iteration), iteration)
         # remember the first non-finite loss without waiting for the device
         self.first_bad = torch.where(loss.isfinite(), self.first_bad,
                                      self.first_bad.clamp(max=float(iteration)))
         return loss, stats
 
-    # -- epochs -----------------------------------------------------------------------------------
-    def fresh_progress(self, epoch):
-        # files found unreadable when loading (empty, or decoded into memory) count in epoch 1
-        return {"sums": torch.zeros(3, device=self.device),  # loss, entropy, kl
-                "n": 0, "unreadable": list(self.train_set.unreadable) if epoch == 0 else []}
+    def update(self, views, at: dict, iteration: int):
+        """DINO's update: train_step, Algorithm 1."""
+        loss, stats, self.center = train_step(self.student_fn, self.teacher_fn, self.center, views,
+                                              self.optimizer, self.cfg, at)
+        return loss, stats
 
+    # -- epochs -----------------------------------------------------------------------------------
     def fit(self, log=print, stop_after=None, on_step=None):
         """Train from where the run stands to the run's last step T (or to epoch stop_after, as
         an interruption would); with --time_limit and no --steps, measure the speed first and
         set T to what fits. on_step(iteration, loss, stats) is called after every step (the
         notebooks record the collapse diagnostics with it). Ctrl-C or SIGTERM finishes the step,
         saves, and raises KeyboardInterrupt; a non-finite loss raises DinoError without saving."""
-        log = self.log = log if self.rank == 0 else silent
-        self.started, self.steps_done, self.eval_seconds = time.time(), 0, 0.0
+        self.log = log if self.rank == 0 else silent
+        self.clock.start(self.cfg.time_limit)
+        self.steps_done = 0
         if self.cfg.time_limit and not self.cfg.steps and (self.start_epoch, self.start_step) == (0, 0):
-            self.fit_to_time_limit(log)
+            plan_to_time_limit(self)
         if self.rank == 0:
-            self.open_run_files()
+            self.records.open(self.start_epoch * self.steps_per_epoch + self.start_step)
         try:
-            with self.stop_on_signals():
+            with self.signals:
                 for epoch in range(self.start_epoch, stop_after or self.epochs_to_run):
                     first = self.start_step if epoch == self.start_epoch else 0
-                    seconds = self.run_epoch(epoch, first, log, on_step)
-                    if self.end_epoch(epoch, seconds, log):
+                    seconds = self.run_epoch(epoch, first, on_step)
+                    if self.end_epoch(epoch, seconds):
                         break
         finally:
-            if self.writer is not None:
-                self.writer.close()
+            self.records.close()
         return self.history
 
-    def fit_to_time_limit(self, log):
-        """--time_limit: plan T, the steps that fit in the minutes left at the measured speed (less
-        8 % for saves, records and a busy machine; never more than --epochs), and lay the schedules
-        over them."""
-        per_step = self.seconds_per_step()
-        left = 60 * self.cfg.time_limit - self.training_seconds()
-        fit, epochs = int(0.92 * left / per_step), self.cfg.epochs * self.steps_per_epoch
-        require(fit >= 1, f"--time_limit {self.cfg.time_limit} min is shorter than one step here "
-                          f"({per_step:.1f} s); raise it")
-        self.plan(fit if fit < epochs else 0)  # 0: the epochs set T, and a resume may raise them
-        log(f"--time_limit {self.cfg.time_limit:g} min: {per_step:.3f} s/step measured, so "
-            + (f"{fit} steps ({fit / self.steps_per_epoch:.1f} epochs of the data), the schedules laid "
-               f"over them (--steps {fit})" if fit < epochs else
-               f"all {self.cfg.epochs} epochs fit ({epochs} steps, about {epochs * per_step / 60:.0f} min)"))
-
-    def seconds_per_step(self, warmup=3, seconds=8.0, most=60) -> float:
-        """The time of a step, measured on throwaway networks and optimizer like the run's (the
-        run itself starts from its untouched step 0): about `seconds` of steps after `warmup`, at
-        least 5 (a handful of steps varies by 30 % on a busy 2-core machine); the slowest
-        process's, under torchrun, where the processes agree on how many steps to time."""
-        student, teacher = build_networks(self.cfg, self.device)  # as fast as the run's, and apart
-        optimizer = make_optimizer(self.cfg, student)
-        student_fn, teacher_fn = self.wrapped(student, ddp=self.world > 1), self.wrapped(teacher, ddp=False)
-        center, at = self.center.clone(), self.scheduled(0)
-        views = itertools.chain.from_iterable(  # epochs 0, 1, ... of the data, for tiny data sets
-            train_batches(self.train_set, self.cfg, e, self.device, 0, self.rank, self.world)
-            for e in itertools.count())
-
-        def steps(n):
-            nonlocal center
-            t0 = time.time()
-            for v, _ in itertools.islice(views, n):
-                loss, _, center = train_step(student_fn, teacher_fn, center, v, optimizer, self.cfg, at)
-                loss.item()  # wait for the device
-            return time.time() - t0
-
-        first = steps(warmup) / warmup  # a guess at the speed, to choose how many steps to time
-        timed = int(all_reduce_max(torch.tensor(min(most, max(5, seconds / first)), device=self.device)))
-        return float(all_reduce_max(torch.tensor(steps(timed) / timed, device=self.device)))
-
-    def open_run_files(self):
-        """The run folder: config.json with the effective values (dino.config_from_dict reads it
-        back), steps.jsonl cut back to where the run resumes, TensorBoard's writer if asked."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2) + "\n")
-        steps = self.output_dir / "steps.jsonl"
-        if steps.exists():  # records past the checkpoint (or cut short by a kill) come again
-            start = self.start_epoch * self.steps_per_epoch + self.start_step
-            kept = [line for line in steps.read_text().splitlines() if line.endswith("}")
-                    and json.loads(line)["iteration"] < start]
-            steps.write_text("".join(line + "\n" for line in kept))
-        if self.cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # optional package: loaded only when asked
-            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
-
-    def run_epoch(self, epoch, first, log, on_step) -> float:
+    def run_epoch(self, epoch, first, on_step) -> float:
         """The steps of one epoch from step `first`; returns the seconds it took."""
-        cfg, t0 = self.cfg, time.time()
-        if first == 0:
-            self.progress = self.fresh_progress(epoch)
+        t0 = time.time()
+        if first == 0:  # files found unreadable when loading (empty, say) count in epoch 1
+            self.progress = EpochSums(self.device, self.train_set.unreadable if epoch == 0 else ())
         self.student.train()
-        batches = train_batches(self.train_set, cfg, epoch, self.device, first, self.rank, self.world)
+        batches = train_batches(self.train_set, self.cfg, epoch, self.device, first, self.rank, self.world)
         steps = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
         bar = tqdm(batches, initial=first, total=steps, leave=False,
                    desc=f"epoch {epoch + 1}/{self.epochs_to_run}", disable=self.quiet, dynamic_ncols=True)
         for step, (views, unreadable) in enumerate(bar, start=first):
             if step == steps:  # the run's last step T was the previous one
                 break
-            if unreadable and cfg.strict_data:
-                raise data.unreadable_error(unreadable[0])
-            self.progress["unreadable"] += unreadable
-            iteration = epoch * self.steps_per_epoch + step
-            loss, stats = self.step(views, iteration)
-            self.progress["sums"] += torch.stack([loss, stats["teacher_entropy"], stats["kl"]])
-            self.progress["n"] += 1
-            if on_step is not None:
-                on_step(iteration, loss, stats)
-            self.report_progress(bar, loss, stats, epoch, step)
-            if iteration % self.record_every == 0:
-                self.record_step(iteration, loss, stats)
-            stop = self.should_stop(step) if step + 1 < steps else None
-            if stop == "time":  # the run ends here, before its planned last step
-                bar.close()
-                self.stopped_at = step + 1
-                log(f"\n--time_limit {cfg.time_limit} min reached at iteration {iteration + 1} of "
-                    f"{self.total_steps}: the schedules did not finish (the machine was slower than "
-                    f"measured at the start); the same command trains the remaining steps")
-                return time.time() - t0
-            if stop == "signal":
-                bar.close()
-                self.save(epoch, step + 1)
-                self.saved_on_stop = True
-                log(f"\ninterrupted: saved {self.checkpoint_path} at epoch {epoch + 1}, step "
-                    f"{step + 1}/{self.steps_per_epoch}; run the same command to resume")
-                raise KeyboardInterrupt
-            if cfg.save_every and (iteration + 1) % cfg.save_every == 0 and step + 1 < self.steps_per_epoch:
-                self.save(epoch, step + 1)
+            self.train_one(epoch, step, views, unreadable, bar, on_step)
+            if step + 1 < steps and self.stop_here(epoch, step, bar):
+                break
         bar.close()
         return time.time() - t0
+
+    def train_one(self, epoch, step, views, unreadable, bar, on_step):
+        """One step, its running sums, the progress bar and (on the record cadence) steps.jsonl."""
+        if unreadable and self.cfg.strict_data:
+            raise data.unreadable_error(unreadable[0])
+        iteration = epoch * self.steps_per_epoch + step
+        loss, stats = self.step(views, iteration)
+        self.progress.add(loss, stats, unreadable)
+        if on_step is not None:
+            on_step(iteration, loss, stats)
+        self.report_progress(bar, loss, stats, epoch, step)
+        if iteration % self.record_every == 0:
+            # the means over the processes: every process takes part, the first one writes
+            values = all_reduce_mean(torch.stack([loss, stats["teacher_entropy"], stats["kl"],
+                                                  self.center.norm()]))
+            self.records.step(iteration, values, self.scheduled(iteration), self.steps_per_epoch)
+
+    def stop_here(self, epoch, step, bar) -> bool:
+        """After a step that is not the epoch's last: True when the clock ran out (the epoch ends
+        there); on Ctrl-C or SIGTERM save and raise KeyboardInterrupt; else save when due."""
+        stop, iteration = self.should_stop(step), epoch * self.steps_per_epoch + step
+        if stop == "time":  # the run ends here, before its planned last step
+            bar.close()
+            self.stopped_at = step + 1
+            self.log(f"\n--time_limit {self.cfg.time_limit} min reached at iteration {iteration + 1} "
+                     f"of {self.total_steps}: the schedules did not finish (the machine was slower "
+                     f"than measured at the start); the same command trains the remaining steps")
+            return True
+        if stop == "signal":
+            bar.close()
+            self.save(epoch, step + 1)
+            self.saved_on_stop = True
+            self.log(f"\ninterrupted: saved {self.checkpoint_path} at epoch {epoch + 1}, step "
+                     f"{step + 1}/{self.steps_per_epoch}; run the same command to resume")
+            raise KeyboardInterrupt
+        if self.cfg.save_every and (iteration + 1) % self.cfg.save_every == 0:
+            self.save(epoch, step + 1)
+        return False
 
     def report_progress(self, bar, loss, stats, epoch, step):
         """The time estimate after 5 steps, and every 10 steps the loss on the bar and a check
@@ -1009,146 +842,43 @@ class Trainer:
             if self.steps_done == 2:
                 self.warm_since = time.time()
             elif not self.quiet:
-                bar.write(self.time_estimate((time.time() - self.warm_since) / 3, epoch, step))
+                steps_left = self.total_steps - epoch * self.steps_per_epoch - step - 1
+                bar.write(time_estimate((time.time() - self.warm_since) / 3, steps_left, self.device,
+                                        self.bf16, self.cfg.data))
         if step % 10 == 0:
             self.check_finite()
-            h_t = stats["teacher_entropy"].item()  # NaN for the supervised baseline
-            bar.set_postfix(loss=f"{loss.item():.3f}", **({} if math.isnan(h_t) else {"h_t": f"{h_t:.2f}"}))
+            bar.set_postfix(self.records.postfix(loss, stats))
 
-    def record_step(self, iteration, loss, stats):
-        """One line of steps.jsonl (and TensorBoard scalars): the step's loss and collapse
-        diagnostics (means over the processes) and the schedules' values. Called every
-        record_every steps: its one read of device values waits for the device only then."""
-        values = all_reduce_mean(torch.stack([loss, stats["teacher_entropy"], stats["kl"],
-                                              self.center.norm()]))
-        loss, entropy, kl, center_norm = values.tolist()
-        at = self.scheduled(iteration)
-        record = dict(iteration=iteration, epoch=(iteration + 1) / self.steps_per_epoch, loss=loss,
-                      teacher_entropy=entropy, kl=kl, log_K=math.log(self.cfg.out_dim),
-                      center_norm=center_norm, lr=at["lr"], wd=at["wd"], momentum=at["momentum"],
-                      teacher_temp=at["teacher_temp"])
-        if self.rank == 0:
-            with open(self.output_dir / "steps.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if self.writer is not None:
-                for key in STEP_SCALARS:
-                    self.writer.add_scalar(f"train/{key}", record[key], iteration)
-
-    def end_epoch(self, epoch, seconds, log) -> bool:
+    def end_epoch(self, epoch, seconds) -> bool:
         """Record the epoch (log.jsonl, the k-NN monitor when due), save; True at the run's end."""
-        cfg = self.cfg
         self.check_finite()
-        record = self.epoch_record(epoch, seconds)
-        if record.get("unreadable_files"):
-            files = record["unreadable_files"]
-            log(f"warning: skipped {len(files)} unreadable image(s) (named in "
-                f"{self.output_dir / 'log.jsonl'}): {', '.join(files[:5])}"
-                + (" ..." if len(files) > 5 else ""))
+        at = self.scheduled(min((epoch + 1) * self.steps_per_epoch, self.total_steps) - 1)
+        record = self.records.epoch_record(epoch + 1, self.progress.means(), self.center.norm().item(),
+                                           at, seconds, gather_lists(self.progress.unreadable))
         stopped_at, self.stopped_at = self.stopped_at, None  # a step, when the clock ran out
         last = epoch + 1 == self.epochs_to_run or stopped_at is not None
-        knn_due = cfg.knn_every and (epoch + 1) % cfg.knn_every == 0
+        knn_due = self.cfg.knn_every and (epoch + 1) % self.cfg.knn_every == 0
         if self.eval_set is not None and (knn_due or last):
-            t0 = time.time()
-            record["knn_top1"] = self.knn()
-            self.eval_seconds += time.time() - t0  # evaluation does not count against --time_limit
-            if self.writer is not None:  # at the epoch's last iteration
-                self.writer.add_scalar("eval/knn_top1", record["knn_top1"],
-                                       (epoch + 1) * self.steps_per_epoch - 1)
+            with self.clock.paused():  # evaluation does not count against --time_limit
+                record["knn_top1"] = self.knn()
         self.history.append(record)
         self.save(*((epoch, stopped_at) if stopped_at else (epoch + 1, 0)))
-        if self.rank == 0:
-            try:
-                with open(self.output_dir / "log.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            except OSError as e:
-                raise DinoError(f"could not write {self.output_dir / 'log.jsonl'}: {e.strerror or e}; "
-                                f"{self.checkpoint_path} holds epoch {epoch + 1}") from None
-        log(format_record(record))
-        warning = collapse_warning(record["teacher_entropy"], record["log_K"])
-        if warning:
-            log(warning)
+        self.records.epoch(record, (epoch + 1) * self.steps_per_epoch - 1, self.log,
+                           kept=f"{self.checkpoint_path} holds epoch {epoch + 1}")
         return last
 
-    def epoch_record(self, epoch, seconds) -> dict:
-        """The epoch's means (over every process) and the schedules' values at its last step."""
-        loss, entropy, kl = (all_reduce_mean(self.progress["sums"]) / max(self.progress["n"], 1)).tolist()
-        at = self.scheduled(min((epoch + 1) * self.steps_per_epoch, self.total_steps) - 1)
-        record = dict(epoch=epoch + 1, loss=loss, teacher_entropy=entropy, kl=kl,
-                      log_K=math.log(self.cfg.out_dim), center_norm=self.center.norm().item(),
-                      lr=at["lr"], wd=at["wd"], momentum=at["momentum"],
-                      teacher_temp=at["teacher_temp"], seconds=seconds)
-        unreadable = gather_lists(self.progress["unreadable"])
-        if unreadable:
-            record["unreadable_files"] = unreadable
-        return record
-
-    def time_estimate(self, seconds_per_step, epoch, step):
-        steps_left = self.total_steps - epoch * self.steps_per_epoch - step - 1
-        minutes = seconds_per_step * steps_left / 60
-        text = (f"about {seconds_per_step:.2f} s/step: {duration(minutes)} for the remaining "
-                f"{steps_left} steps on {self.device.type}")
-        if self.device.type == "cpu" and minutes > 60:
-            hints = ["a GPU makes this minutes"]
-            if not self.bf16 and cpu_has_native_bf16():
-                hints.append("--precision bf16 trains 1.4-2x faster on this CPU")
-            if self.cfg.data != "shapes":
-                hints.append("for a quick run on this CPU try the built-in data set: python dino.py")
-            text += f" ({'; '.join(hints)})"
-        return text
-
     def knn(self, k=20, temperature=0.07):
-        """Weighted k-NN of the teacher's features; under several processes each extracts the
-        features of its share of the images and the shares are gathered."""
-        backbone = self.teacher.backbone
-        backbone.eval()
-        size = self.cfg.global_crops_size
+        """Weighted k-NN top-1 of the teacher's features (knn_monitor)."""
+        return knn_monitor(self.teacher.backbone, self.train_set, self.eval_set,
+                           self.cfg.global_crops_size, self.device, k, temperature)
 
-        def features(split):
-            part = data.shard(split, self.rank, self.world)
-            f, y = extract_features(backbone, data.eval_batches(part, size), self.device)
-            return gather_rows(f, self.device), gather_rows(y, self.device)
-
-        eval_features, eval_labels = features(self.eval_set)
-        if data.has_labels(self.train_set):
-            train_features, train_labels = features(self.train_set)
-            classes = self.train_set.classes
-        else:  # no labels to vote with: the labelled split votes on its own images, each not for itself
-            train_features, train_labels, classes = eval_features, eval_labels, self.eval_set.classes
-        top1, _ = knn_accuracy(train_features, train_labels, eval_features, eval_labels, k=k,
-                               temperature=temperature, num_classes=len(classes),
-                               leave_one_out=not data.has_labels(self.train_set))
-        return top1
-
-    # -- interruptions and failures ---------------------------------------------------------------
-    @contextlib.contextmanager
-    def stop_on_signals(self):
-        """Ctrl-C (SIGINT) or SIGTERM (sent by SLURM before it kills a job) asks the loop to stop
-        after the current step and save; a second Ctrl-C stops at once."""
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signal handlers can only be set from the main thread
-            return
-        self.stop_requested = False
-
-        def ask_to_stop(signum, frame):
-            if self.stop_requested and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self.stop_requested = True
-
-        previous = {s: signal.signal(s, ask_to_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-    def training_seconds(self) -> float:
-        """Seconds this process has trained: since fit() began, less the evaluations."""
-        return time.time() - self.started - self.eval_seconds
+    # -- the clock and interruptions ----------------------------------------------------------------
+    def seconds_per_step(self) -> float:
+        return measure_step_seconds(self)
 
     def should_stop(self, step):
         """None, "signal" (Ctrl-C, SIGTERM) or "time" (--time_limit reached)."""
-        wanted = 2 if self.cfg.time_limit and self.training_seconds() > 60 * self.cfg.time_limit else (
-            1 if self.stop_requested else 0)
+        wanted = 2 if self.clock.out() else 1 if self.signals.requested else 0
         if self.world > 1:  # processes must agree on the step they stop at: ask them all, every 10 steps
             wanted = step % 10 == 0 and int(all_reduce_max(torch.tensor(float(wanted), device=self.device)))
         return (None, "signal", "time")[wanted]
@@ -1176,20 +906,14 @@ class Trainer:
         """Everything a resumed run needs to continue bitwise: weights, optimizer, center, the
         position (epoch, step) and the running sums of the epoch. The data order, the views and
         drop-path are pure functions of (seed, epoch, step), so the position fixes them."""
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "center": self.center.cpu(),
                 "epoch": epoch, "step": step, "config": config_to_dict(self.cfg),
                 "history": self.history,
-                "progress": {"sums": all_reduce_mean(self.progress["sums"]).cpu(),
-                             "n": self.progress["n"],
-                             "unreadable": gather_lists(self.progress["unreadable"])},
+                "progress": self.progress.state(),
                 # the backbone's dimensions, so the weights stay loadable if vit.ARCHS changes
                 "vit": dict(zip(("embed_dim", "depth", "num_heads"), vit.ARCHS[self.cfg.arch])),
-                "world_size": self.world, "rng": rng,
-                **({"classifier": self.supervised.classifier.state_dict()} if self.cfg.supervised else {})}
+                "world_size": self.world, "rng": rng_state(self.device)}
 
     def save(self, epoch, step=0):
         """Check that the state is finite, then write it (first process only, atomically).
@@ -1200,7 +924,7 @@ class Trainer:
         state = self.state(epoch, step)
         if self.rank == 0:
             try:
-                data.save_checkpoint(state, self.checkpoint_path)
+                checkpoint.save_checkpoint(state, self.checkpoint_path)
             except DinoError as e:
                 if not step:
                     raise
@@ -1209,71 +933,383 @@ class Trainer:
         self.last_saved = (epoch, step)
 
     def resume(self, log=print):
+        """Continue from OUTPUT_DIR/checkpoint.pth if there is one (check_resumable says why not)."""
         if not self.checkpoint_path.exists():
             return False
-        ck = data.load_checkpoint(self.checkpoint_path)
-        require(isinstance(ck, dict) and "teacher" in ck and "student" in ck,
-                f"{self.checkpoint_path} is not a DINO checkpoint of this project; use another "
-                f"--output_dir")
-        saved = ck.get("config", {})
-        changed = [f"{k}: {saved.get(k)} → {getattr(self.cfg, k)}" for k in MODEL_FIELDS
-                   if k in saved and saved[k] != config_to_dict(self.cfg)[k]]
-        require(not changed, f"{self.checkpoint_path} was trained with other model settings "
-                             f"({'; '.join(changed)}); use another --output_dir to start afresh")
-        step, saved_batch = ck.get("step", 0), ck.get("world_size", 1) * saved.get("batch_size", 0)
-        require(not step or saved_batch == self.world * self.cfg.batch_size,
-                f"{self.checkpoint_path} stopped inside an epoch with a global batch of "
-                f"{saved_batch}; resume with the same --batch_size and number of processes")
-        if saved.get("steps") and not self.cfg.steps:  # a run whose length --time_limit planned
-            self.plan(saved["steps"])
-        ours = config_to_dict(self.cfg)
-        changed = [f"{k} {saved[k]} → {ours[k]}" for k in ours
-                   if k in saved and k not in MODEL_FIELDS + RUN_FIELDS and saved[k] != ours[k]]
+        ck = checkpoint.load_checkpoint(self.checkpoint_path)
+        steps, changed = check_resumable(ck, self.cfg, self.world, self.checkpoint_path)
+        if steps and not self.cfg.steps:  # a run whose length --time_limit planned
+            self.plan(steps)
         if changed and self.rank == 0:
             log(f"warning: resumed with changed settings: {'; '.join(changed)} (the checkpoint's "
                 f"values are replaced by these)")
-        self.student.load_state_dict(ck["student"])
-        self.teacher.load_state_dict(ck["teacher"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        if self.cfg.supervised:
-            self.supervised.classifier.load_state_dict(ck["classifier"])
-        self.center = ck["center"].to(self.device)
-        self.start_epoch, self.start_step = ck["epoch"], step
-        self.last_saved = (self.start_epoch, step)
-        self.history = list(ck.get("history", []))
-        if "progress" in ck:
-            p = ck["progress"]
-            self.progress = {"sums": p["sums"].to(self.device), "n": p["n"],
-                             "unreadable": list(p.get("unreadable", [])) if self.rank == 0 else []}
-        torch.set_rng_state(ck["rng"]["torch"])
-        if "cuda" in ck["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(ck["rng"]["cuda"], self.device)
+        self.load_state(ck)
         where = f"epoch {self.start_epoch}/{self.epochs_to_run}" + (
-            f" + {step}/{self.steps_per_epoch} steps" if step else "")
+            f" + {self.start_step}/{self.steps_per_epoch} steps" if self.start_step else "")
         if self.rank == 0:
             log(f"resumed from {self.checkpoint_path} at {where}"
                 + ("; --init_from starts only a fresh run" if self.cfg.init_from else ""))
         return True
 
+    def load_state(self, ck: dict):
+        """What state() wrote, back into the networks, optimizer, center, position and sums."""
+        self.student.load_state_dict(ck["student"])
+        self.teacher.load_state_dict(ck["teacher"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.center = ck["center"].to(self.device)
+        self.start_epoch, self.start_step = ck["epoch"], ck.get("step", 0)
+        self.last_saved = (self.start_epoch, self.start_step)
+        self.history = list(ck.get("history", []))
+        if "progress" in ck:
+            self.progress = EpochSums.from_state(ck["progress"], self.device, self.rank)
+        set_rng_state(ck["rng"], self.device)
+
     def warm_start(self, log=print):
         """--init_from: student and teacher (and the center, from a full checkpoint) out of a
         file; the optimizer, the schedules and the position start afresh."""
-        path = self.cfg.init_from
-        weights = warm_start_weights(data.load_checkpoint(path), path)
-        for role, network in (("student", self.student), ("teacher", self.teacher)):
-            load_warm_start(network, weights[role], path, role)
-        if weights["center"] is not None:
-            require(weights["center"].shape == self.center.shape,
-                    f"--init_from {path}: the center is {tuple(weights['center'].shape)} in the file "
-                    f"but {tuple(self.center.shape)} in this run; set by --out_dim")
-            self.center = weights["center"].to(self.device, torch.float32)
-        if any(k.startswith("head.") for k in weights["student"]):
-            what = "student and teacher, backbones and heads" + (
-                ", and the center" if weights["center"] is not None else "")
-        else:
-            what = "its backbone in student and teacher; the heads start from scratch"
+        self.center, what = checkpoint.warm_start(self.student, self.teacher, self.center, self.cfg.init_from)
         if self.rank == 0:
-            log(f"started from {path}: {what}")
+            log(f"started from {self.cfg.init_from}: {what}")
+
+
+MODEL_FIELDS = ("arch", "patch_size", "out_dim", "hidden_dim", "bottleneck_dim",
+                "norm_last_layer", "use_bn_in_head", "global_crops_size", "supervised")  # a resume must keep these
+RUN_FIELDS = ("output_dir", "device", "num_workers", "save_every", "knn_every", "compile",
+              "time_limit", "strict_data", "epochs")  # free to change on a resume
+
+
+def rng_state(device) -> dict:
+    rng = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def set_rng_state(rng: dict, device):
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def check_resumable(ck, cfg: Config, world: int, path) -> tuple[int, list]:
+    """A one-line error where a checkpoint cannot continue under cfg (another project's file,
+    other model settings, stopped inside an epoch with another global batch); else (its planned
+    --steps or 0, the settings that changed: 'lr 0.1 → 0.2')."""
+    require(isinstance(ck, dict) and "teacher" in ck and "student" in ck,
+            f"{path} is not a DINO checkpoint of this project; use another --output_dir")
+    saved, ours = ck.get("config", {}), config_to_dict(cfg)
+    changed = [f"{k}: {saved.get(k)} → {ours[k]}" for k in MODEL_FIELDS if k in saved and saved[k] != ours[k]]
+    require(not changed, f"{path} was trained with other model settings ({'; '.join(changed)}); "
+                         f"use another --output_dir to start afresh")
+    step, saved_batch = ck.get("step", 0), ck.get("world_size", 1) * saved.get("batch_size", 0)
+    require(not step or saved_batch == world * cfg.batch_size,
+            f"{path} stopped inside an epoch with a global batch of {saved_batch}; resume with the "
+            f"same --batch_size and number of processes")
+    changed = [f"{k} {saved[k]} → {ours[k]}" for k in ours
+               if k in saved and k not in MODEL_FIELDS + RUN_FIELDS and saved[k] != ours[k]]
+    return saved.get("steps") or 0, changed
+
+
+def knn_monitor(backbone, train_set: ImageSet, eval_set: ImageSet, size: int, device, k=20,
+                temperature=0.07) -> float:
+    """Weighted k-NN top-1 of a backbone's features (knn_eval's), the monitor of a run. Under
+    several processes each extracts the features of its share of the images and the shares are
+    gathered. With no training labels the labelled evaluation split votes on its own images,
+    each image not for itself."""
+    rank, world = rank_and_world()
+    backbone.eval()
+
+    def features(split):
+        part = data.shard(split, rank, world)
+        f, y = extract_features(backbone, data.eval_batches(part, size), device)
+        return gather_rows(f, device), gather_rows(y, device)
+
+    eval_features, eval_labels = features(eval_set)
+    if data.has_labels(train_set):
+        train_features, train_labels = features(train_set)
+        classes = train_set.classes
+    else:
+        train_features, train_labels, classes = eval_features, eval_labels, eval_set.classes
+    top1, _ = knn_accuracy(train_features, train_labels, eval_features, eval_labels, k=k,
+                           temperature=temperature, num_classes=len(classes),
+                           leave_one_out=not data.has_labels(train_set))
+    return top1
+
+
+class EpochSums:
+    """The running sums of the epoch in progress (loss, h(P_t), KL) and the files found
+    unreadable in it; a checkpoint inside an epoch keeps them, so a resumed epoch's means are
+    those of the whole epoch."""
+
+    def __init__(self, device, unreadable=()):
+        self.sums, self.n = torch.zeros(3, device=device), 0  # on the device: adding waits for nothing
+        self.unreadable = list(unreadable)
+
+    def add(self, loss, stats, unreadable=()):
+        self.sums += torch.stack([loss, stats["teacher_entropy"], stats["kl"]])
+        self.n += 1
+        self.unreadable += unreadable
+
+    def means(self) -> list:
+        """(loss, h(P_t), KL) averaged over the epoch's steps and the processes."""
+        return (all_reduce_mean(self.sums) / max(self.n, 1)).tolist()
+
+    def state(self) -> dict:
+        return {"sums": all_reduce_mean(self.sums).cpu(), "n": self.n,
+                "unreadable": gather_lists(self.unreadable)}
+
+    @classmethod
+    def from_state(cls, state: dict, device, rank: int = 0) -> "EpochSums":
+        sums = cls(device, state.get("unreadable", []) if rank == 0 else ())
+        sums.sums, sums.n = state["sums"].to(device), state["n"]
+        return sums
+
+
+def plan_to_time_limit(trainer: Trainer):
+    """--time_limit: plan the trainer's T, the steps that fit in the minutes left at the measured
+    speed (less 8 % for saves, records and a busy machine; never more than --epochs), and lay the
+    schedules over them."""
+    per_step = trainer.seconds_per_step()
+    left = 60 * trainer.cfg.time_limit - trainer.clock.seconds()
+    fit, epochs = int(0.92 * left / per_step), trainer.cfg.epochs * trainer.steps_per_epoch
+    require(fit >= 1, f"--time_limit {trainer.cfg.time_limit} min is shorter than one step here "
+                      f"({per_step:.1f} s); raise it")
+    trainer.plan(fit if fit < epochs else 0)  # 0: the epochs set T, and a resume may raise them
+    trainer.log(f"--time_limit {trainer.cfg.time_limit:g} min: {per_step:.3f} s/step measured, so "
+                + (f"{fit} steps ({fit / trainer.steps_per_epoch:.1f} epochs of the data), the "
+                   f"schedules laid over them (--steps {fit})" if fit < epochs else
+                   f"all {trainer.cfg.epochs} epochs fit ({epochs} steps, about "
+                   f"{epochs * per_step / 60:.0f} min)"))
+
+
+def measure_step_seconds(trainer: Trainer, warmup=3, seconds=8.0, most=60) -> float:
+    """The time of one of trainer's steps, measured on throwaway networks and optimizer like
+    the run's (the run itself starts from its untouched step 0): about `seconds` of steps after
+    `warmup`, at least 5 (a handful of steps varies by 30 % on a busy 2-core machine); the
+    slowest process's, under torchrun, where the processes agree on how many steps to time."""
+    cfg, device = trainer.cfg, trainer.device
+    student, teacher = build_networks(cfg, device)  # as fast as the run's, and apart
+    optimizer = make_optimizer(cfg, student)
+    student_fn = trainer.wrapped(student, ddp=trainer.world > 1)
+    teacher_fn = trainer.wrapped(teacher, ddp=False)
+    center, at = trainer.center.clone(), trainer.scheduled(0)
+    views = itertools.chain.from_iterable(  # epochs 0, 1, ... of the data, for tiny data sets
+        train_batches(trainer.train_set, cfg, e, device, 0, trainer.rank, trainer.world)
+        for e in itertools.count())
+
+    def steps(n):
+        nonlocal center
+        t0 = time.time()
+        for v, _ in itertools.islice(views, n):
+            loss, _, center = train_step(student_fn, teacher_fn, center, v, optimizer, cfg, at)
+            loss.item()  # wait for the device
+        return time.time() - t0
+
+    first = steps(warmup) / warmup  # a guess at the speed, to choose how many steps to time
+    timed = int(all_reduce_max(torch.tensor(min(most, max(5, seconds / first)), device=device)))
+    return float(all_reduce_max(torch.tensor(steps(timed) / timed, device=device)))
+
+
+class Clock:
+    """Seconds of training since start(), evaluations left out: what --time_limit counts."""
+
+    def __init__(self, minutes: float = 0.0):
+        self.limit = 60 * minutes  # seconds; 0: none
+        self.start()
+
+    def start(self, minutes: float | None = None):
+        self.limit = self.limit if minutes is None else 60 * minutes
+        self.started, self.paused_seconds = time.time(), 0.0
+
+    def seconds(self) -> float:
+        return time.time() - self.started - self.paused_seconds
+
+    def out(self) -> bool:
+        return bool(self.limit) and self.seconds() > self.limit
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.time()
+        yield
+        self.paused_seconds += time.time() - t0
+
+
+class StopSignals:
+    """Inside `with`: Ctrl-C (SIGINT) or SIGTERM (sent by SLURM before it kills a job) sets
+    `requested`, and the loop stops after the current step and saves; a second Ctrl-C stops at
+    once. Signal handlers can only be set from the main thread: elsewhere this does nothing."""
+
+    def __init__(self):
+        self.requested, self.previous = False, {}
+
+    def __enter__(self):
+        self.requested = False
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.ask) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def ask(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+
+# -- 11b. The supervised baseline (--supervised), not DINO: the same ViT, views, optimizer,
+#         schedules and steps, trained with labels, for the paper's comparison of attention maps
+#         (Section 4.2.1). A linear classifier on the student's [CLS] of the 2 global views, with
+#         cross-entropy; the local views are made but not used. The teacher is a copy of the
+#         student after every step (λ = 0: an EMA would lag the backbone that was trained), so
+#         knn_eval and visualize read the trained backbone as a run's teacher.
+
+class Supervised(nn.Module):
+    """Class scores of the global views: Linear(backbone's [CLS]), (2B, C), view-major."""
+
+    def __init__(self, backbone, num_classes):
+        super().__init__()
+        self.backbone, self.classifier = backbone, nn.Linear(backbone.embed_dim, num_classes)
+
+    def forward(self, views):
+        return self.classifier(self.backbone(torch.cat(views[:2])))
+
+
+def supervised_step(model, views, labels, optimizer, cfg: Config, at: dict):
+    """One step of the baseline; returns (loss, stats) shaped as train_step's (h and KL: NaN)."""
+    for group in optimizer.param_groups:
+        group["lr"] = at["lr"]
+    optimizer.param_groups[0]["weight_decay"] = at["wd"]
+    # $$\mathcal{L} = -\frac{1}{2B} \sum_{v=1}^{2} \sum_{b} \log \mathrm{softmax}(W f(x^g_{v,b}))_{y_b}$$
+    loss = F.cross_entropy(model(views).float(), labels.repeat(2))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.clip_grad:
+        clip_gradients(model, cfg.clip_grad)
+    optimizer.step()
+    nan = torch.full((), math.nan, device=loss.device)  # no teacher distribution to measure
+    return loss.detach(), {"teacher_entropy": nan, "kl": nan}
+
+
+class SupervisedTrainer(Trainer):
+    """Trainer's loop, clock, records and checkpoints, with supervised_step as its step: the
+    student's backbone with a linear classifier is what trains."""
+
+    def __init__(self, cfg: Config, train_set: ImageSet, eval_set: ImageSet | None, quiet=False):
+        super().__init__(cfg, train_set, eval_set, quiet)
+        require(self.train_set.images is not None and data.has_labels(self.train_set),
+                "--supervised needs labelled images held in memory (shapes, objects, CIFAR-10, or a "
+                "folder of small images with train/<class>/)")
+        self.supervised = Supervised(self.student.backbone, len(self.train_set.classes)).to(self.device)
+        self.student_fn = self.wrapped(self.supervised, ddp=self.world > 1)
+        self.optimizer = make_optimizer(self.cfg, self.supervised)
+
+    def update(self, views, at: dict, iteration: int):
+        loss, stats = supervised_step(self.student_fn, views, self.labels_at(iteration),
+                                      self.optimizer, self.cfg, at)
+        update_teacher(self.teacher, self.student, 0.0)  # the teacher is a copy
+        return loss, stats
+
+    def labels_at(self, iteration: int):
+        """The labels of this process's images at one iteration: the rows train_batches takes."""
+        epoch, step = divmod(iteration, self.steps_per_epoch)
+        B = self.cfg.batch_size
+        start = step * B * self.world + self.rank * B
+        idx = data.epoch_order(len(self.train_set), self.cfg.seed, epoch)[start:start + B]
+        return self.train_set.labels[idx].to(self.device)
+
+    def state(self, epoch, step=0):
+        return {**super().state(epoch, step), "classifier": self.supervised.classifier.state_dict()}
+
+    def load_state(self, ck: dict):
+        super().load_state(ck)
+        self.supervised.classifier.load_state_dict(ck["classifier"])
+
+
+# -- 11c. The run's records: what the loop hands over, written and shown.
+
+class RunLog:
+    """The run's folder and terminal, written by the first process only: config.json (the
+    effective values), steps.jsonl (a record every N steps), log.jsonl (a record per epoch),
+    TensorBoard scalars with --tensorboard, and the epoch line with the collapse warning. The
+    loop hands it values; it computes nothing of the method."""
+
+    def __init__(self, cfg: Config, rank: int = 0):
+        self.cfg, self.rank = cfg, rank
+        self.output_dir = Path(cfg.output_dir)
+        self.writer = None  # TensorBoard's, with --tensorboard
+
+    def open(self, start_iteration: int):
+        """config.json, steps.jsonl cut back to where the run resumes, TensorBoard's writer."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2) + "\n")
+        steps = self.output_dir / "steps.jsonl"
+        if steps.exists():  # records past the checkpoint (or cut short by a kill) come again
+            kept = [line for line in steps.read_text().splitlines() if line.endswith("}")
+                    and json.loads(line)["iteration"] < start_iteration]
+            steps.write_text("".join(line + "\n" for line in kept))
+        if self.cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # optional package: loaded only when asked
+            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+    def step(self, iteration: int, values, at: dict, steps_per_epoch: int):
+        """One line of steps.jsonl: values = (loss, h(P_t), KL, |c|) on the device, the
+        schedules' values `at` this iteration. Its one read waits for the device only here."""
+        loss, entropy, kl, center_norm = values.tolist()
+        record = dict(iteration=iteration, epoch=(iteration + 1) / steps_per_epoch, loss=loss,
+                      teacher_entropy=entropy, kl=kl, log_K=math.log(self.cfg.out_dim),
+                      center_norm=center_norm, lr=at["lr"], wd=at["wd"], momentum=at["momentum"],
+                      teacher_temp=at["teacher_temp"])
+        if self.rank == 0:
+            with open(self.output_dir / "steps.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.writer is not None:
+                for key in STEP_SCALARS:
+                    self.writer.add_scalar(f"train/{key}", record[key], iteration)
+
+    def epoch_record(self, epoch: int, means, center_norm: float, at: dict, seconds: float,
+                     unreadable: list) -> dict:
+        """One line of log.jsonl: the epoch's means (loss, h(P_t), KL), |c| and the schedules'
+        values `at` its last step, and the files found unreadable in it."""
+        loss, entropy, kl = means
+        record = dict(epoch=epoch, loss=loss, teacher_entropy=entropy, kl=kl,
+                      log_K=math.log(self.cfg.out_dim), center_norm=center_norm, lr=at["lr"],
+                      wd=at["wd"], momentum=at["momentum"], teacher_temp=at["teacher_temp"],
+                      seconds=seconds)
+        return {**record, "unreadable_files": unreadable} if unreadable else record
+
+    def epoch(self, record: dict, iteration: int, say, kept: str):
+        """One line of log.jsonl, the epoch line, and warnings (unreadable files, collapse)."""
+        if self.rank != 0:
+            return
+        files = record.get("unreadable_files", [])
+        if files:
+            say(f"warning: skipped {len(files)} unreadable image(s) (named in "
+                f"{self.output_dir / 'log.jsonl'}): {', '.join(files[:5])}" + (" ..." if len(files) > 5 else ""))
+        if self.writer is not None and "knn_top1" in record:  # at the epoch's last iteration
+            self.writer.add_scalar("eval/knn_top1", record["knn_top1"], iteration)
+        try:
+            with open(self.output_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise DinoError(f"could not write {self.output_dir / 'log.jsonl'}: {e.strerror or e}; "
+                            f"{kept}") from None
+        say(format_record(record))
+        warning = collapse_warning(record["teacher_entropy"], record["log_K"])
+        if warning:
+            say(warning)
+
+    @staticmethod
+    def postfix(loss, stats) -> dict:
+        """The progress bar's loss and h(P_t) (left out where NaN: the supervised baseline)."""
+        h_t = stats["teacher_entropy"].item()
+        return dict(loss=f"{loss.item():.3f}", **({} if math.isnan(h_t) else {"h_t": f"{h_t:.2f}"}))
 
 
 def record_every(total_steps: int, log_every: int = 0) -> int:
@@ -1305,6 +1341,30 @@ def collapse_warning(entropy, log_K):
         return (f"warning: teacher entropy {entropy:.3f} is near log K = {log_K:.3f}: collapse to "
                 f"the uniform distribution (teacher temperature too high?)")
     return None
+
+
+def duration(minutes: float) -> str:
+    """A time for people: '7 min', '3.5 h', '4.8 days'."""
+    if minutes < 90:
+        return f"{minutes:.0f} min"
+    if minutes < 48 * 60:
+        return f"{minutes / 60:.1f} h"
+    return f"{minutes / 60 / 24:.1f} days"
+
+
+def time_estimate(seconds_per_step: float, steps_left: int, device, bf16: bool, data_name: str) -> str:
+    """The line after the first steps: how long the rest takes, and on a CPU what is faster."""
+    minutes = seconds_per_step * steps_left / 60
+    text = (f"about {seconds_per_step:.2f} s/step: {duration(minutes)} for the remaining "
+            f"{steps_left} steps on {device.type}")
+    if device.type == "cpu" and minutes > 60:
+        hints = ["a GPU makes this minutes"]
+        if not bf16 and cpu_has_native_bf16():
+            hints.append("--precision bf16 trains faster on this CPU")
+        if data_name != "shapes":
+            hints.append("for a quick run on this CPU try the built-in data set: python dino.py")
+        text += f" ({'; '.join(hints)})"
+    return text
 
 
 # -- 12. Command line: every Config field is a flag; its default is the value the run will use.
@@ -1405,7 +1465,7 @@ def run(cfg: Config, say) -> int:
     require(len(train_set) >= cfg.batch_size * world,
             f"the training split has {len(train_set)} images, fewer than --batch_size "
             f"{cfg.batch_size} x {world} process(es); lower --batch_size")
-    trainer = Trainer(cfg, train_set, eval_set)
+    trainer = (SupervisedTrainer if cfg.supervised else Trainer)(cfg, train_set, eval_set)
     n_params = sum(p.numel() for p in trainer.student.backbone.parameters()) / 1e6
     labelled = data.has_labels(train_set)
     say(f"{'supervised baseline (not DINO)' if cfg.supervised else 'DINO'} on {name}: {len(train_set)} training images{'' if labelled else ' (no labels)'}, "

@@ -4,7 +4,7 @@
     model = torch.hub.load("/path/to/this/clone", "from_file", path="backbone.pth", source="local")
     model = torch.hub.load("/path/to/this/clone", "vit_small", patch_size=8, source="local")
 
-`from_file` reads what vit.load_backbone reads: an export of `knn_eval.py --export`, the authors'
+`from_file` reads what checkpoint.load_backbone reads: an export of `knn_eval.py --export`, the authors'
 released dino_*_pretrain.pth backbones and their full checkpoints, and a checkpoint.pth of
 dino.py (its teacher by default); the ViT is sized from the weights. The size entries build an
 untrained ViT (vit.py's sizes; img_size is the side its position embedding is made for, and
@@ -14,6 +14,7 @@ get_last_selfattention and get_intermediate_layers. The authors' own hub entries
 weights: torch.hub.load("facebookresearch/dino:main", "dino_vits16").
 """
 
+import checkpoint
 import vit
 
 dependencies = ["torch", "torchvision", "einops", "numpy", "PIL"]
@@ -42,4 +43,4 @@ def vit_base(patch_size: int = 16, img_size: int = 224, **kwargs):
 def from_file(path, weights: str = "teacher", num_heads: int | None = None):
     """The ViT backbone in a weights file, loaded strictly, in eval mode; `weights` picks the
     teacher or the student of a full checkpoint, num_heads a width outside vit.ARCHS."""
-    return vit.load_backbone(path, weights, num_heads)
+    return checkpoint.load_backbone(path, weights, num_heads)

@@ -14,12 +14,8 @@ extract_features and knn_accuracy from this file, so both report the same number
 
 The file reads: 1. features (a network's, or raw pixels)  2. weighted k-NN  3. linear probe
 4. segmentation from attention (Jaccard of the 60 % attention masks, on splits with masks)
-5. command line, with the two commands that take weights out of a run: --embed (the features of
-any data set, labelled or not) and --export (the backbone in the authors' layout). They live here
-because they take the same weights (--checkpoint, --pretrained, --weights) and views
-(--image_size, --avgpool) as the evaluations, and extract features with the same function.
-Weights load through vit.load_backbone (this project's checkpoints and the authors' released
-ones), data through data.load_data.
+5. command line, with --embed (the features of any data set) and --export (the backbone in the
+authors' layout): they take the same weights and views as the evaluations.
 
 Where this knowingly differs from the authors' eval_knn.py and eval_linear.py:
 - any number of classes and any number of test images (theirs assumes 1000 classes and breaks
@@ -42,6 +38,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm  # plain bars: the notebooks train quietly, and tqdm.auto warns there
 
+import augment
+import checkpoint
 import data
 import vit
 from data import DinoError, require
@@ -99,7 +97,7 @@ def raw_pixel_features(train_batches, test_batches, chunk_size=4096):
     def pixels(batches):
         xs, ys = [], []
         for x, y in batches:
-            x = data.unnormalize(x.cpu()) * 255  # back to 0 … 255
+            x = augment.unnormalize(x.cpu()) * 255  # back to 0 … 255
             xs.append(rearrange(x.round().to(torch.uint8), "b c h w -> b (c h w)"))
             ys.append(torch.as_tensor(y))
         return torch.cat(xs), torch.cat(ys)
@@ -368,6 +366,12 @@ def build_parser():
                         help="test images compared at once; memory ≈ chunk_size × N_train × 4 bytes")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--save_features", help="write the extracted features to this file")
+    add_command_flags(parser)
+    return parser
+
+
+def add_command_flags(parser):
+    """The flags of --embed and --export, and of the linear probe."""
     out = parser.add_argument_group("taking the weights out (instead of evaluating)")
     out.add_argument("--embed", metavar="DATA",
                      help="write the features of every image of DATA (any --data: a folder of images "
@@ -395,7 +399,6 @@ def build_parser():
     probe.add_argument("--probe_batch_size", type=int, default=256, help="probe training batch")
     probe.add_argument("--seed", type=int, default=0, help="probe init and shuffling (and the "
                                                             "ViT's init with --random_init)")
-    return parser
 
 
 FLAG_RULES = dict(share="(0,1)", k=">=1", temperature=">0", batch_size=">=1", chunk_size=">=1", image_size=">=0",
@@ -427,11 +430,11 @@ def validate(args):
 def load_weights(args) -> vit.VisionTransformer:
     """The --weights backbone of --checkpoint or --pretrained, checked against the flags."""
     path = args.checkpoint or args.pretrained
-    weights = data.load_checkpoint(path)
+    weights = checkpoint.load_checkpoint(path)
     require(not args.checkpoint or (isinstance(weights, dict) and "teacher" in weights),
             f"{path} is not a DINO checkpoint (it has no 'teacher' and 'student' weights); for "
             f"a plain ViT state dict use --pretrained")
-    backbone = vit.backbone_from(weights, str(path), args.weights)
+    backbone = checkpoint.backbone_from(weights, str(path), args.weights)
     if args.random_init:
         backbone = vit.untrained_like(backbone, args.seed)
     require(args.n_last_blocks <= len(backbone.blocks), f"--n_last_blocks {args.n_last_blocks} "
@@ -534,7 +537,7 @@ def embed(args, device, log):
     if data.has_labels(images):
         out.update(labels=images.labels[index], classes=list(images.classes))
     path = Path(args.out or f"embeddings_{name}.pth")  # validate() made and probed its folder
-    data.save_checkpoint(out, path)
+    checkpoint.save_checkpoint(out, path)
     seconds = time.time() - started
     if out["unreadable"]:
         log(f"warning: skipped {len(out['unreadable'])} unreadable image(s): "
@@ -548,11 +551,11 @@ def embed(args, device, log):
 def export(args, log):
     """--export: the backbone as the authors' dino_*_pretrain.pth files hold it, a plain state
     dict of the ViT (cls_token, pos_embed, patch_embed.proj.*, blocks.{i}.*, norm.*), which
-    vit.load_backbone, hubconf.from_file and timm's VisionTransformer load strictly."""
+    checkpoint.load_backbone, hubconf.from_file and timm's VisionTransformer load strictly."""
     backbone = load_weights(args)
     state = dict(backbone.state_dict())  # plain: the name → tensor table and nothing else
     path = Path(args.export)  # validate() made and probed its folder
-    data.save_checkpoint(state, path, with_checksum=False)  # the plain layout other code loads strictly
+    checkpoint.save_checkpoint(state, path, with_checksum=False)  # the plain layout other code loads strictly
     millions = sum(v.numel() for v in state.values()) / 1e6
     which = f"the {args.weights} backbone of {args.checkpoint}" if args.checkpoint else args.pretrained
     log(f"wrote {which} ({vit.describe(backbone)} trained at {backbone.img_size} px, "
@@ -562,7 +565,7 @@ def export(args, log):
 
 
 def read_features(path, need_probe):
-    features = data.load_checkpoint(path)
+    features = checkpoint.load_checkpoint(path)
     keys = {"train_features", "train_labels", "test_features", "test_labels", "classes"}
     require(isinstance(features, dict) and keys <= set(features),
             f"{path} is not a features file written by --save_features")
@@ -570,6 +573,38 @@ def read_features(path, need_probe):
             f"{path} was saved without --linear, so it holds no probe features; extract them "
             f"again with --linear --save_features")
     return features
+
+
+def report_knn(args, features: dict, device, log) -> tuple[dict, list]:
+    """The weighted k-NN of the features for every --k (cut to the training images), as a table;
+    returns ({k: (top-1, top-5)}, the k's run)."""
+    train_f, test_f = features["train_features"].to(device), features["test_features"]
+    train_y, test_y = features["train_labels"], features["test_labels"]
+    num_classes = len(features["classes"])
+    ks = list(dict.fromkeys(min(k, len(train_y)) for k in args.k))  # a vote has at most every training image
+    if max(args.k) > len(train_y):
+        log(f"k = {len(train_y)} (the training split has {len(train_y)} images, fewer than --k "
+            f"{max(args.k)})")
+    results = knn_sweep(train_f, train_y, test_f, test_y, ks, args.temperature, num_classes,
+                        args.chunk_size)
+    log(f"weighted k-NN on {train_f.shape[1]}-d features, T = {args.temperature}, cosine similarity: "
+        f"{len(train_y)} training, {len(test_y)} test images, {num_classes} classes")
+    log(f"{'k':>5}  {'top-1':>7}  {'top-5':>7}")
+    for k in ks:
+        log(f"{k:>5}  {results[k][0]:>7.2f}  {results[k][1]:>7.2f}")
+    return results, ks
+
+
+def report_probe(args, features: dict, device, log) -> float:
+    """Train the linear probe on the training features, test it; returns its top-1."""
+    train_y, test_y = features["train_labels"], features["test_labels"]
+    probe = train_linear_probe(features["train_probe"], train_y, len(features["classes"]), args.epochs,
+                               args.lr, args.probe_batch_size, device, args.seed)
+    top1, top5 = probe_accuracy(probe, features["test_probe"], test_y)
+    log(f"linear probe on {features.get('probe_input', 'saved features')} "
+        f"({features['train_probe'].shape[1]}-d), {args.epochs} epochs, "
+        f"SGD lr {args.lr} at batch 256: top-1 {top1:.2f}  top-5 {top5:.2f}")
+    return top1
 
 
 def main(argv=None, log=print):
@@ -590,47 +625,26 @@ def main(argv=None, log=print):
     else:
         features = compute_features(args, device, log)
         if args.save_features:
-            data.save_checkpoint(features, Path(args.save_features))
+            checkpoint.save_checkpoint(features, Path(args.save_features))
             log(f"features saved to {args.save_features}")
     t_features = time.time() - started
 
-    train_f, test_f = features["train_features"].to(device), features["test_features"]
-    train_y, test_y = features["train_labels"], features["test_labels"]
-    num_classes = len(features["classes"])
     t0 = time.time()
-    ks = list(dict.fromkeys(min(k, len(train_y)) for k in args.k))  # a vote has at most every training image
-    if max(args.k) > len(train_y):
-        log(f"k = {len(train_y)} (the training split has {len(train_y)} images, fewer than --k "
-            f"{max(args.k)})")
-    results = knn_sweep(train_f, train_y, test_f, test_y, ks, args.temperature, num_classes,
-                        args.chunk_size)
+    results, _ = report_knn(args, features, device, log)
     t_knn = time.time() - t0
-    log(f"weighted k-NN on {train_f.shape[1]}-d features, T = {args.temperature}, cosine similarity: "
-        f"{len(train_y)} training, {len(test_y)} test images, {num_classes} classes")
-    log(f"{'k':>5}  {'top-1':>7}  {'top-5':>7}")
-    for k in ks:
-        log(f"{k:>5}  {results[k][0]:>7.2f}  {results[k][1]:>7.2f}")
     jaccard_lines = jaccard_report(features["jaccard"], args.share)[0] if "jaccard" in features else []
     for line in jaccard_lines[:1]:
         log(line)
-
-    t_probe = 0.0
-    if args.linear:
-        t0 = time.time()
-        probe = train_linear_probe(features["train_probe"], train_y, num_classes, args.epochs, args.lr,
-                                   args.probe_batch_size, device, args.seed)
-        top1, top5 = probe_accuracy(probe, features["test_probe"], test_y)
-        t_probe = time.time() - t0
-        log(f"linear probe on {features.get('probe_input', 'saved features')} "
-            f"({features['train_probe'].shape[1]}-d), {args.epochs} epochs, "
-            f"SGD lr {args.lr} at batch 256: top-1 {top1:.2f}  top-5 {top5:.2f}")
+    t0 = time.time()
+    top1 = report_probe(args, features, device, log) if args.linear else None
+    t_probe = time.time() - t0
 
     log(f"time: features {t_features:.1f} s, k-NN {t_knn:.1f} s"
         + (f", linear probe {t_probe:.1f} s" if args.linear else "")
         + f", total {time.time() - started:.1f} s on {device} | {data.peak_memory(device)}")
     if args.linear:
         log(f"linear top1={top1:.2f}")
-    k = min(20 if 20 in args.k else args.k[0], len(train_y))  # the headline k, as run
+    k = min(20 if 20 in args.k else args.k[0], len(features["train_labels"]))  # the headline k, as run
     log(f"knn top1@{k}={results[k][0]:.2f}")
     for line in jaccard_lines[1:]:
         log(line)

@@ -29,6 +29,8 @@ from einops import rearrange
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+import augment
+import checkpoint
 import data
 import dino
 import vit
@@ -109,7 +111,7 @@ def save(fig: Figure, path) -> Figure:
 def cls_attention(backbone: vit.VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     """Last block's attention of [CLS] to every token, (heads, N), for one image x (3, H, W) in
     [0, 1]. Each row is a softmax over all N = 1 + patches tokens, so it sums to 1."""
-    attn = backbone.get_last_selfattention(data.normalize(x[None]))  # (1, heads, N, N)
+    attn = backbone.get_last_selfattention(augment.normalize(x[None]))  # (1, heads, N, N)
     return attn[0, :, 0, :]  # (heads, N): the [CLS] query's row
 
 
@@ -169,7 +171,7 @@ def attention_figure(backbone: vit.VisionTransformer, image: torch.Tensor, share
 def patch_features(backbone: vit.VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     """Last block's normed patch tokens of one image x (3, H, W) in [0, 1], (H/p, W/p, D)."""
     p = backbone.patch_size
-    tokens = backbone.get_intermediate_layers(data.normalize(x[None]), n=1)[0]  # (1, N, D)
+    tokens = backbone.get_intermediate_layers(augment.normalize(x[None]), n=1)[0]  # (1, N, D)
     return rearrange(tokens[0, 1:], "(gh gw) d -> gh gw d", gh=x.shape[-2] // p, gw=x.shape[-1] // p)
 
 
@@ -339,7 +341,6 @@ def run_knn_minutes(args):
 def make_views(images: data.ImageSet, index: int, cfg: dino.Config, seed: int = 0) -> tuple:
     """(original (3, H, W) uint8, views [(3, S, S) in [0, 1]]) of one image, as training makes them."""
     generator = torch.Generator().manual_seed(seed)
-    names = dino.view_names(cfg.local_crops_number)
     if images.images is not None:
         original = images.images[index]
         views = dino.multicrop(original[None], cfg, generator)  # list of (1, 3, S, S), normalised
@@ -349,13 +350,8 @@ def make_views(images: data.ImageSet, index: int, cfg: dino.Config, seed: int = 
         require(not unreadable, f"image {unreadable[0] if unreadable else ''} could not be read "
                                 f"(not an image, or damaged)")
         original = read_image(images.files[index])
-        views = []
-        for name, c in zip(names, crops):
-            size = c.shape[-1]
-            p = dino.sample_view_params(1, size, size, size, (1.0, 1.0), dino.VIEW_SPECS[name], generator)
-            v = torch.where(p["flip"].view(-1, 1, 1, 1), c[None].flip(-1), c[None]).float() / 255
-            views.append(data.normalize(data.photometric(v, p, dino.max_blur_sigma(size))))
-    return original, [data.unnormalize(v)[0] for v in views]
+        views = dino.finish_views([c[None] for c in crops], cfg, generator)
+    return original, [augment.unnormalize(v)[0] for v in views]
 
 
 def views_figure(original: torch.Tensor, views: list[torch.Tensor], path=None) -> Figure:
@@ -388,7 +384,7 @@ def views_figure(original: torch.Tensor, views: list[torch.Tensor], path=None) -
 
 def config_from_checkpoint(path) -> dino.Config:
     """The Config a dino.py run was trained with."""
-    ck = data.load_checkpoint(Path(path))
+    ck = checkpoint.load_checkpoint(Path(path))
     require(isinstance(ck, dict) and isinstance(ck.get("config"), dict),
             f"{path} is not a checkpoint of dino.py (it has no config)")
     return dino.config_from_dict(ck["config"])
@@ -403,7 +399,7 @@ def model_and_out(args):
     path = args.checkpoint or args.pretrained
     if path is None:
         raise DinoError("give --checkpoint (a dino.py checkpoint) or --pretrained (ViT weights)")
-    backbone = vit.load_backbone(path, num_heads=args.num_heads)
+    backbone = checkpoint.load_backbone(path, num_heads=args.num_heads)
     if getattr(args, "random_init", False):
         backbone = vit.untrained_like(backbone, seed=0)
     return backbone, Path(args.out) if args.out else Path(path).parent
@@ -488,10 +484,10 @@ def run_readme_figures(args):
     features on held-out shapes, its log, and the views its settings cut from one image."""
     run = Path(args.run)
     out = Path(args.out) if args.out else Path("assets")
-    checkpoint = run / "checkpoint.pth"
-    backbone = vit.load_backbone(checkpoint, num_heads=args.num_heads)
+    run_checkpoint = run / "checkpoint.pth"
+    backbone = checkpoint.load_backbone(run_checkpoint, num_heads=args.num_heads)
     size = backbone.img_size
-    trained_on = config_from_checkpoint(checkpoint).data
+    trained_on = config_from_checkpoint(run_checkpoint).data
     held_out = sample_set(args.samples, size, trained_on if trained_on in data.BUILT_IN else "shapes")
     samples = list(held_out.images)
     written = [out / "attention.png", out / "pca.png", out / "curves.png", out / "views.png"]
@@ -501,7 +497,7 @@ def run_readme_figures(args):
     records, steps = read_run(run)
     curves_figure(records, title=f"{run}: training curves", path=written[2], steps=steps)
     # the views of the image whose attention is drawn, cut as this run's training cut them
-    views_figure(*make_views(in_memory(samples[0]), 0, config_from_checkpoint(checkpoint)),
+    views_figure(*make_views(in_memory(samples[0]), 0, config_from_checkpoint(run_checkpoint)),
                  path=written[3])
     return written
 

@@ -18,8 +18,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from data import DinoError, load_checkpoint, require
-
 
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch of a sample with probability p."""
@@ -230,87 +228,6 @@ def vit_small(patch_size: int = 16, **kwargs):
 
 def vit_base(patch_size: int = 16, **kwargs):
     return build_vit("vit_base", patch_size, **kwargs)
-
-
-# ------------------------------------------------------------------------------------------------
-# Loading weights: the one loader for this project's checkpoints and the authors' released files.
-# ------------------------------------------------------------------------------------------------
-
-def backbone_state_dict(obj, source: str, weights: str = "teacher") -> dict:
-    """The ViT backbone's weights out of any layout DINO checkpoints come in.
-
-    Accepted: a plain backbone dict (the authors' `dino_*_pretrain.pth`), or a full checkpoint
-    with `teacher` / `student` dicts whose keys carry `module.` (DistributedDataParallel) and
-    `backbone.` (MultiCropWrapper) prefixes: the authors' training checkpoints and this project's.
-    The projection head (`head.*`) is dropped. `weights` picks the teacher (the network the paper
-    evaluates and draws) or the student.
-    """
-    if isinstance(obj, dict) and ("teacher" in obj or "student" in obj):
-        other = "student" if weights == "teacher" else "teacher"
-        require(isinstance(obj.get(weights), dict), f"{source} has no {weights!r} weights; "
-                                                    f"try --weights {other}")
-        obj = obj[weights]
-    require(isinstance(obj, dict), f"{source} holds a {type(obj).__name__}, not a state dict of a ViT")
-    for key in ("state_dict", "model"):  # weights nested one level down, as some trainers save them
-        require(not isinstance(obj.get(key), dict), f"{source} keeps its weights under the key "
-                f"{key!r}; save torch.load(...)[{key!r}] to a file of its own and load that")
-    state = {k.removeprefix("module."): v for k, v in obj.items() if torch.is_tensor(v)}
-    if any(k.startswith("backbone.") for k in state):
-        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    needed = ["cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight",
-              "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight"]
-    missing = [k for k in needed if k not in state]
-    require(not missing, f"{source} holds no ViT backbone (no {', '.join(missing)}; its keys begin "
-                         f"{', '.join(list(obj)[:3]) or 'none'}); only ViT backbones load here")
-    return state
-
-
-def vit_from_state_dict(state: dict, source: str, num_heads: int | None = None) -> VisionTransformer:
-    """The ViT these weights fit, sized from their shapes, with the weights loaded strictly.
-
-    Width D from cls_token (1, 1, D), depth from the blocks, patch p from patch_embed.proj.weight
-    (D, 3, p, p), training resolution S from pos_embed (1, (S/p)² + 1, D), MLP ratio from fc1.
-    The weights do not show the number of heads (qkv is (3D, D) for any split): it comes from
-    num_heads, else from ARCHS by width.
-    """
-    width = state["cls_token"].shape[-1]
-    _, in_chans, patch, _ = state["patch_embed.proj.weight"].shape  # (D, 3, p, p)
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    side = math.isqrt(state["pos_embed"].shape[1] - 1)  # patches per side at the training size
-    heads = num_heads or {dim: h for dim, _, h in ARCHS.values()}.get(width)
-    known = ", ".join(f"{name} {dim}" for name, (dim, _, _) in ARCHS.items())
-    require(heads is not None, f"{source}: ViT width {width} is none of the known sizes ({known}); "
-                               f"give --num_heads")
-    require(width % heads == 0, f"{source}: width {width} does not split into {heads} heads")
-    require(in_chans == 3, f"{source}: the ViT takes {in_chans} input channels; images are RGB")
-    mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / width
-    model = VisionTransformer(img_size=side * patch, patch_size=patch, embed_dim=width, depth=depth,
-                              num_heads=heads, mlp_ratio=mlp_ratio)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:  # the first specific line: the first line only names the class
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        detail = (lines[1] if len(lines) > 1 else lines[0])[:160]
-        raise DinoError(f"{source} does not fit a ViT of width {width}, depth {depth}, patch "
-                        f"{patch}: {detail}") from None
-    return model.eval()
-
-
-def load_backbone(path, weights: str = "teacher", num_heads: int | None = None) -> VisionTransformer:
-    """A ViT backbone from a checkpoint of dino.py or from the authors' released weights.
-
-    This project's checkpoints record the number of heads ("vit"); for other files it comes
-    from num_heads or from the width.
-    """
-    return backbone_from(load_checkpoint(path), str(path), weights, num_heads)
-
-
-def backbone_from(obj, source: str, weights: str = "teacher", num_heads: int | None = None):
-    """load_backbone for an object already read from a file."""
-    recorded = obj.get("vit") if isinstance(obj, dict) and isinstance(obj.get("vit"), dict) else {}
-    state = backbone_state_dict(obj, source, weights)
-    return vit_from_state_dict(state, source, num_heads or recorded.get("num_heads"))
 
 
 def untrained_like(model: VisionTransformer, seed: int = 0) -> VisionTransformer:

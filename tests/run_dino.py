@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
+import checkpoint  # noqa: E402
 import data  # noqa: E402
 import dino  # noqa: E402
 
@@ -25,7 +26,7 @@ trainers = []
 
 original_init = dino.Trainer.__init__
 original_step = dino.Trainer.step
-original_save = data.save_checkpoint
+original_save = checkpoint.save_checkpoint
 original_loss = dino.dino_loss
 
 
@@ -70,7 +71,7 @@ def dino_loss(*args, **kwargs):
 
 dino.Trainer.__init__ = init
 dino.Trainer.step = step
-data.save_checkpoint = save_checkpoint
+checkpoint.save_checkpoint = save_checkpoint
 dino.dino_loss = dino_loss
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
-import data
+import augment
 import dino
 
 
@@ -24,7 +24,7 @@ def images(n=4, size=12, seed=0):
 @pytest.mark.parametrize("flip", [False, True])
 def test_crop_resize_flip_matches_resized_crop(box, size, flip):
     x = images(1, 32)
-    out = data.crop_resize_flip(x, torch.tensor([box], dtype=torch.float32), torch.tensor([flip]), size)
+    out = augment.crop_resize_flip(x, torch.tensor([box], dtype=torch.float32), torch.tensor([flip]), size)
     ref = TF.resized_crop(x[0], *box, [size, size], interpolation=InterpolationMode.BICUBIC,
                           antialias=True).clamp(0, 1)
     ref = TF.horizontal_flip(ref) if flip else ref
@@ -35,7 +35,7 @@ def test_crop_resize_flip_matches_resized_crop(box, size, flip):
 def test_each_jitter_factor_matches_torchvision(name):
     x = images()
     values = torch.tensor([0.6, 0.95, 1.2, 1.4]) if name != "hue" else torch.tensor([-0.1, -0.02, 0.05, 0.1])
-    op = dict(zip(["brightness", "contrast", "saturation", "hue"], data.JITTER_OPS))[name]
+    op = dict(zip(["brightness", "contrast", "saturation", "hue"], augment.JITTER_OPS))[name]
     theirs = getattr(TF, f"adjust_{name}")
     out = op(x, values)
     for i in range(len(x)):
@@ -44,14 +44,14 @@ def test_each_jitter_factor_matches_torchvision(name):
 
 def test_grayscale_and_solarize_match_torchvision():
     x = images()
-    torch.testing.assert_close(data.grayscale(x), TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
-    torch.testing.assert_close(data.solarize(x), TF.solarize(x, 128 / 255))
+    torch.testing.assert_close(augment.grayscale(x), TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
+    torch.testing.assert_close(augment.solarize(x), TF.solarize(x, 128 / 255))
 
 
 def test_blur_matches_torchvision_for_each_sigma():
     x = images(3, 16)
     sigma = torch.tensor([0.3, 0.8, 1.5])
-    out = data.gaussian_blur(x, sigma, max_sigma=1.5)
+    out = augment.gaussian_blur(x, sigma, max_sigma=1.5)
     r = math.ceil(3 * 1.5)
     for i in range(3):
         ref = TF.gaussian_blur(x[i], [2 * r + 1, 2 * r + 1], [sigma[i].item()] * 2)
@@ -72,7 +72,7 @@ def fixed_params(n, **overrides):
 def test_photometric_is_torchvisions_ops_in_the_drawn_order():
     x, p = images(3, 16), fixed_params(3)
     max_sigma = dino.BLUR_SIGMA[1] * 16 / 224
-    out = data.photometric(x.clone(), p, max_sigma)
+    out = augment.photometric(x.clone(), p, max_sigma)
     r = max(1, math.ceil(3 * max_sigma))
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     for i in range(3):
@@ -91,8 +91,8 @@ def test_photometric_is_torchvisions_ops_in_the_drawn_order():
 def test_selecting_and_computing_all_give_the_same_images():
     """where_images computes only the selected images on CPU and all of them on GPU."""
     x, mask, f = images(6), torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool), torch.rand(6) + 0.5
-    a = data.where_images(mask, data.adjust_hue, x, f - 1, every_image=False)
-    b = data.where_images(mask, data.adjust_hue, x, f - 1, every_image=True)
+    a = augment.where_images(mask, augment.adjust_hue, x, f - 1, every_image=False)
+    b = augment.where_images(mask, augment.adjust_hue, x, f - 1, every_image=True)
     torch.testing.assert_close(a, b)
     assert torch.equal(a[~mask], x[~mask]) and not torch.equal(a[mask], x[mask])
 

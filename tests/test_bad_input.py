@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import data
 import dino
 import knn_eval
@@ -192,7 +193,7 @@ def full_disk(*args, **kwargs):
 
 def test_a_full_disk_during_a_save_keeps_the_old_checkpoint_and_leaves_no_partial_file(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pth"
-    data.save_checkpoint({"w": torch.ones(3)}, path)
+    checkpoint.save_checkpoint({"w": torch.ones(3)}, path)
 
     def write_half(obj, f, *args, **kwargs):
         f.write(b"PK\x03\x04 half a checkpoint")
@@ -201,10 +202,10 @@ def test_a_full_disk_during_a_save_keeps_the_old_checkpoint_and_leaves_no_partia
     monkeypatch.setattr(torch, "save", write_half)
     monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(data.DinoError, match="could not write .*checkpoint.pth"):
-        data.save_checkpoint({"w": torch.zeros(3)}, path)
+        checkpoint.save_checkpoint({"w": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert not (tmp_path / "checkpoint.pth.tmp").exists()
-    assert torch.equal(data.load_checkpoint(path)["w"], torch.ones(3))
+    assert torch.equal(checkpoint.load_checkpoint(path)["w"], torch.ones(3))
 
 
 def test_a_failed_save_inside_an_epoch_is_reported_and_training_goes_on(tmp_path, monkeypatch, capsys,
@@ -217,8 +218,8 @@ def test_a_failed_save_inside_an_epoch_is_reported_and_training_goes_on(tmp_path
             raise data.DinoError(f"could not write {path}: No space left on device")
         original(state, path)
 
-    original = data.save_checkpoint
-    monkeypatch.setattr(data, "save_checkpoint", failing_save)
+    original = checkpoint.save_checkpoint
+    monkeypatch.setattr(checkpoint, "save_checkpoint", failing_save)
     args = ["--data", str(small_folder), "--output_dir", str(tmp_path / "out"), *TINY, "--save_every", "1"]
     assert dino.main(args) == 0
     said = capsys.readouterr().out
@@ -259,10 +260,10 @@ def test_a_read_only_file_system_fails_before_any_work(tmp_path, monkeypatch):
 
 def test_an_overwritten_checkpoint_is_caught_by_its_checksum(tmp_path):
     path = tmp_path / "checkpoint.pth"
-    data.save_checkpoint({"student": {"w": torch.arange(1000.0)}}, path)
+    checkpoint.save_checkpoint({"student": {"w": torch.arange(1000.0)}}, path)
     raw = bytearray(path.read_bytes())
     start = raw.find(np.arange(1000, dtype=np.float32)[500:510].tobytes())
     raw[start:start + 8] = b"\x00" * 8  # bytes of the tensor overwritten, the archive still reads
     path.write_bytes(bytes(raw))
     with pytest.raises(data.DinoError, match="checksum"):
-        data.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import augment
 import data
 import dino
 
@@ -234,7 +235,7 @@ def test_multicrop_shapes_and_teacher_sees_globals_only():
 
 def test_crop_boxes_follow_scale_and_ratio():
     g = torch.Generator().manual_seed(0)
-    boxes = data.sample_crop_boxes(4000, 32, 32, (0.25, 1.0), generator=g)
+    boxes = augment.sample_crop_boxes(4000, 32, 32, (0.25, 1.0), generator=g)
     top, left, h, w = boxes.unbind(1)
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 32).all() and (left + w <= 32).all()
     area = h * w / 1024
@@ -247,7 +248,7 @@ def test_crop_of_the_whole_image_is_the_image():
     torch.manual_seed(0)
     x = torch.rand(2, 3, 8, 8)
     boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0]] * 2)
-    out = data.crop_resize_flip(x, boxes, torch.tensor([False, True]), 8)
+    out = augment.crop_resize_flip(x, boxes, torch.tensor([False, True]), 8)
     torch.testing.assert_close(out[0], x[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(out[1], x[1].flip(-1), atol=1e-5, rtol=0)
 
@@ -257,24 +258,24 @@ def test_colour_ops_match_torchvision():
     torch.manual_seed(0)
     x = torch.rand(3, 3, 12, 12)
     f = torch.tensor([0.7, 1.0, 1.3]).view(3, 1, 1, 1)
-    for mine, theirs in [(data.adjust_brightness, TF.adjust_brightness),
-                         (data.adjust_contrast, TF.adjust_contrast),
-                         (data.adjust_saturation, TF.adjust_saturation)]:
+    for mine, theirs in [(augment.adjust_brightness, TF.adjust_brightness),
+                         (augment.adjust_contrast, TF.adjust_contrast),
+                         (augment.adjust_saturation, TF.adjust_saturation)]:
         out = mine(x, f)
         for i in range(3):  # torchvision's luma weighs red 0.2989, PIL and this project 0.299
             torch.testing.assert_close(out[i], theirs(x[i], f[i].item()), atol=1e-4, rtol=0)
     shifts = torch.tensor([-0.1, 0.03, 0.1]).view(3, 1, 1, 1)
-    out = data.adjust_hue(x, shifts)
+    out = augment.adjust_hue(x, shifts)
     for i in range(3):
         torch.testing.assert_close(out[i], TF.adjust_hue(x[i], shifts[i].item()), atol=1e-4, rtol=0)
-    torch.testing.assert_close(data.grayscale(x)[0, 0], TF.rgb_to_grayscale(x[0])[0], atol=1e-3, rtol=0)
+    torch.testing.assert_close(augment.grayscale(x)[0, 0], TF.rgb_to_grayscale(x[0])[0], atol=1e-3, rtol=0)
 
 
 def test_blur_matches_a_direct_convolution():
     torch.manual_seed(0)
     x = torch.rand(2, 3, 10, 10)
     sigma = torch.tensor([0.5, 1.5])
-    out = data.gaussian_blur(x, sigma, 1.5)
+    out = augment.gaussian_blur(x, sigma, 1.5)
     for i in range(2):
         r = 5  # ceil(3 · 1.5)
         k = torch.exp(-torch.arange(-r, r + 1.0) ** 2 / (2 * sigma[i] ** 2))

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import dino
 import knn_eval
 import vit
@@ -33,12 +34,12 @@ def trained(tmp_path_factory):
 
 def test_export_round_trips_into_vit_and_through_hubconf(trained, tmp_path):
     """Acceptance 2: the export is a plain dict of tensors with exactly the authors' keys; it loads
-    strictly into a ViT built by hand, through vit.load_backbone, and through torch.hub from this
+    strictly into a ViT built by hand, through checkpoint.load_backbone, and through torch.hub from this
     clone, and each gives the teacher's features to the last bit."""
-    checkpoint, teacher = trained
+    path, teacher = trained
     lines = []
     out = tmp_path / "exported" / "dino_vitnano4_pretrain.pth"
-    assert knn_eval.main(["--export", str(out), "--checkpoint", str(checkpoint)], log=lines.append) == 0
+    assert knn_eval.main(["--export", str(out), "--checkpoint", str(path)], log=lines.append) == 0
     assert "teacher backbone" in lines[-1] and "vit_nano/4 trained at 32 px" in lines[-1]
     exported = torch.load(out, weights_only=True)
     assert type(exported) is dict and all(torch.is_tensor(v) for v in exported.values())
@@ -49,16 +50,16 @@ def test_export_round_trips_into_vit_and_through_hubconf(trained, tmp_path):
         by_hand = vit.VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4)
         by_hand.load_state_dict(exported, strict=True)
         assert torch.equal(by_hand.eval()(x), expected)
-        assert torch.equal(vit.load_backbone(out)(x), expected)
+        assert torch.equal(checkpoint.load_backbone(out)(x), expected)
         hub_file = torch.hub.load(str(ROOT), "from_file", path=str(out), source="local")
         assert torch.equal(hub_file(x), expected)
         hub_size = torch.hub.load(str(ROOT), "vit_nano", patch_size=4, img_size=32, source="local")
         hub_size.load_state_dict(exported, strict=True)
         assert torch.equal(hub_size.eval()(x), expected)
         # the student's backbone on request
-        knn_eval.main(["--export", str(tmp_path / "s.pth"), "--checkpoint", str(checkpoint),
+        knn_eval.main(["--export", str(tmp_path / "s.pth"), "--checkpoint", str(path),
                        "--weights", "student"], log=lambda *_: None)
-        assert not torch.allclose(vit.load_backbone(tmp_path / "s.pth")(x), expected)
+        assert not torch.allclose(checkpoint.load_backbone(tmp_path / "s.pth")(x), expected)
 
 
 def vit_small_16_shapes(key: str) -> tuple:
@@ -90,8 +91,8 @@ def test_timm_loads_the_export_with_identical_outputs(trained, tmp_path):
     size for vit_nano, and timm.create_model for a named size."""
     timm = pytest.importorskip("timm")
     from timm.models.vision_transformer import VisionTransformer
-    checkpoint, teacher = trained
-    knn_eval.main(["--export", str(tmp_path / "b.pth"), "--checkpoint", str(checkpoint)], log=lambda *_: None)
+    path, teacher = trained
+    knn_eval.main(["--export", str(tmp_path / "b.pth"), "--checkpoint", str(path)], log=lambda *_: None)
     exported = torch.load(tmp_path / "b.pth", weights_only=True)
     model = VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4,
                               num_classes=0, global_pool="token")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from einops import rearrange
 
+import augment
 import data
 import dino
 
@@ -38,7 +39,7 @@ def test_a_step_reads_nothing_back_from_the_device(monkeypatch):
     cfg, shapes = tiny()
     trainer = trainer_for(cfg, shapes)
     allowed = {t.untyped_storage().data_ptr() for t in trainer.schedule.values()}
-    computing_all = data.where_images
+    computing_all = augment.where_images
     monkeypatch.setattr(data, "where_images",
                         lambda *args, **kw: computing_all(*args, **{**kw, "every_image": True}))
     reads = []

@@ -204,7 +204,7 @@ def image_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def run_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     cfg = dino.make_config(dict(arch="vit_nano", patch_size=8, out_dim=16, hidden_dim=16,
                                 bottleneck_dim=8), 32, "shapes")
@@ -224,8 +224,8 @@ def run_main(*args):
     return lines
 
 
-def test_command_line_on_a_checkpoint_matches_the_functions(image_folder, checkpoint, tmp_path):
-    path, student, teacher = checkpoint
+def test_command_line_on_a_checkpoint_matches_the_functions(image_folder, run_checkpoint, tmp_path):
+    path, student, teacher = run_checkpoint
     _, train, evaluation = data.load_data(str(image_folder))
     for weights, model in (("teacher", teacher), ("student", student)):
         backbone = model.backbone.eval()
@@ -250,8 +250,8 @@ def test_command_line_on_a_checkpoint_matches_the_functions(image_folder, checkp
         run_main("--load_features", tmp_path / "teacher.pth", "--linear")
 
 
-def test_command_line_linear_probe_and_raw_pixels(image_folder, checkpoint):
-    path, _, _ = checkpoint
+def test_command_line_linear_probe_and_raw_pixels(image_folder, run_checkpoint):
+    path, _, _ = run_checkpoint
     lines = run_main("--checkpoint", path, "--data", image_folder, "--device", "cpu", "--linear",
                      "--n_last_blocks", "2", "--avgpool", "--epochs", "3")
     assert any("linear probe on [CLS] of the last 2 block(s) + mean patch token (192-d)" in l for l in lines)

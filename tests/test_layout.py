@@ -16,7 +16,7 @@ import data
 import dino
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ["data", "vit", "knn_eval", "dino", "visualize", "benchmark", "hubconf"]
+MODULES = ["augment", "data", "vit", "checkpoint", "knn_eval", "dino", "visualize", "benchmark", "hubconf"]
 
 
 def project_imports(module: str) -> dict:
@@ -37,10 +37,13 @@ def project_imports(module: str) -> dict:
 
 def test_modules_import_in_one_direction_and_only_at_the_top():
     graph = {m: set(project_imports(m)["imports"]) for m in MODULES}
-    # the layout: data ← vit ← knn_eval ← dino ← visualize, benchmark; vit ← hubconf
-    assert graph == {"data": set(), "vit": {"data"}, "knn_eval": {"data", "vit"},
-                     "dino": {"data", "vit", "knn_eval"}, "visualize": {"data", "dino", "vit", "knn_eval"},
-                     "benchmark": {"data", "dino", "vit"}, "hubconf": {"vit"}}
+    # the layout: augment ← data; vit; (data, vit) ← checkpoint ← knn_eval ← dino ← visualize,
+    # benchmark; checkpoint ← hubconf. The method's pieces (augment, vit) import no project module.
+    base = {"augment", "checkpoint", "data", "vit"}
+    assert graph == {"augment": set(), "data": {"augment"}, "vit": set(), "checkpoint": {"data", "vit"},
+                     "knn_eval": base, "dino": base | {"knn_eval"},
+                     "visualize": base | {"dino", "knn_eval"}, "benchmark": {"augment", "data", "dino", "vit"},
+                     "hubconf": {"checkpoint", "vit"}}
     for m in MODULES:
         assert project_imports(m)["local"] == [], m
 
@@ -71,6 +74,32 @@ def test_dino_py_opens_with_the_method():
     assert max(function_lengths(ROOT / "dino.py", within="Trainer").values()) <= 50
 
 
+def test_no_class_or_function_is_long():
+    """A reader holds a class in ≤ 300 lines and a function or method in ≤ 60, in every module,
+    command-line parsers and the benchmark included."""
+    for module in MODULES:
+        for node in ast.walk(ast.parse((ROOT / f"{module}.py").read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                length = node.end_lineno - node.lineno + 1
+                limit = 300 if isinstance(node, ast.ClassDef) else 60
+                assert length <= limit, f"{module}.{node.name}: {length} lines"
+
+
+def test_the_dino_loop_has_no_supervised_branch():
+    """The supervised baseline is a class beside the loop (SupervisedTrainer), not a branch in it."""
+    tree = ast.parse((ROOT / "dino.py").read_text())
+    trainer = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer")
+    assert "supervised" not in ast.unparse(trainer).lower()
+
+
+def test_checkpoints_are_read_and_written_in_one_place():
+    """torch.save and torch.load of the project's files sit in checkpoint.py alone."""
+    for module in MODULES:
+        calls = [ast.unparse(node.func) for node in ast.walk(ast.parse((ROOT / f"{module}.py").read_text()))
+                 if isinstance(node, ast.Call) and ast.unparse(node.func) in ("torch.save", "torch.load")]
+        assert calls == (["torch.save", "torch.load"] if module == "checkpoint" else []), (module, calls)
+
+
 def definitions(name: str) -> list:
     """Where `name` is defined (def, class or module-level assignment) across the project."""
     where = []
@@ -88,7 +117,8 @@ def definitions(name: str) -> list:
 @pytest.mark.parametrize("name", ["vit_from_state_dict", "backbone_state_dict", "load_backbone",
                                   "normalize", "unnormalize", "peak_memory", "config_from_dict",
                                   "derive_seed", "IMAGENET_MEAN", "IMAGENET_STD", "require",
-                                  "DinoError", "load_checkpoint", "save_checkpoint", "resolve_device"])
+                                  "DinoError", "load_checkpoint", "save_checkpoint", "resolve_device",
+                                  "warm_start_weights", "finish_views", "photometric", "multicrop"])
 def test_one_home_per_concept(name):
     assert len(definitions(name)) == 1, definitions(name)
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import checkpoint
 import data
 import dino
 import knn_eval
@@ -179,7 +180,7 @@ def test_load_data_gives_objects_with_masks_on_both_splits(monkeypatch):
 # -- knn_eval and visualize use the measure ------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def run_checkpoint(tmp_path_factory):
     """A checkpoint of small untrained networks, as dino.py writes it, trained 'on objects'."""
     run = tmp_path_factory.mktemp("objects_run")
     cfg = dino.make_config(dict(data="objects", out_dim=64, hidden_dim=64, bottleneck_dim=32,
@@ -190,24 +191,24 @@ def checkpoint(tmp_path_factory):
     return run / "checkpoint.pth"
 
 
-def test_knn_eval_prints_the_jaccard_where_the_split_has_masks(checkpoint, monkeypatch):
+def test_knn_eval_prints_the_jaccard_where_the_split_has_masks(run_checkpoint, monkeypatch):
     small = {name: (lambda make: lambda n, seed: make(n // 20, seed))(make)  # 500 + 100 images
              for name, make in data.BUILT_IN.items()}
     monkeypatch.setattr(data, "BUILT_IN", small)
     lines = []
-    knn_eval.main(["--checkpoint", str(checkpoint), "--data", "objects", "--device", "cpu"],
+    knn_eval.main(["--checkpoint", str(run_checkpoint), "--data", "objects", "--device", "cpu"],
                   log=lines.append)
     found = [re.fullmatch(r"jaccard@60=(\d\.\d{3})", line) for line in lines]
     value = float(next(m for m in found if m).group(1))
     # the same number from the functions themselves
-    backbone = vit.load_backbone(checkpoint)
+    backbone = checkpoint.load_backbone(run_checkpoint)
     _, _, evaluation = data.load_data("objects")
     per_image = knn_eval.attention_jaccard(backbone, data.mask_batches(evaluation, backbone.img_size))
     assert value == pytest.approx(per_image.mean(0).max().item(), abs=5e-4)
     assert any(line.startswith("attention masks keeping 60 %") for line in lines)
     # shapes has no masks: no Jaccard
     lines = []
-    knn_eval.main(["--checkpoint", str(checkpoint), "--data", "shapes", "--device", "cpu"],
+    knn_eval.main(["--checkpoint", str(run_checkpoint), "--data", "shapes", "--device", "cpu"],
                   log=lines.append)
     assert not any("jaccard" in line for line in lines)
 
@@ -217,7 +218,7 @@ def write_png(path, array):
     Image.fromarray(array).save(path)
 
 
-def test_a_folder_with_masks_is_measured_and_half_masked_folders_are_refused(tmp_path, checkpoint):
+def test_a_folder_with_masks_is_measured_and_half_masked_folders_are_refused(tmp_path, run_checkpoint):
     rng = np.random.default_rng(0)
     root = tmp_path / "voc_like"
     for split in ("train", "val"):
@@ -232,7 +233,7 @@ def test_a_folder_with_masks_is_measured_and_half_masked_folders_are_refused(tmp
     _, _, evaluation = data.load_data(str(root))
     assert evaluation.masks.shape == (8, 32, 32) and evaluation.masks.sum() == 8 * 16 * 16
     lines = []
-    knn_eval.main(["--checkpoint", str(checkpoint), "--data", str(root), "--device", "cpu",
+    knn_eval.main(["--checkpoint", str(run_checkpoint), "--data", str(root), "--device", "cpu",
                    "--random_init"], log=lines.append)
     assert any(re.fullmatch(r"jaccard@60=\d\.\d{3}", line) for line in lines)
     assert any("untrained ViT" in line for line in lines)
@@ -262,7 +263,7 @@ def test_supervised_baseline_trains_the_backbone_with_labels_and_leaves_the_dino
                                 warmup_epochs=0, out_dim=64, hidden_dim=64, bottleneck_dim=32,
                                 local_crops_number=0, lr=0.05, min_lr=1e-3, device="cpu",
                                 output_dir=str(tmp_path)), 32, "objects")
-    trainer = dino.Trainer(cfg, d, d, quiet=True)
+    trainer = dino.SupervisedTrainer(cfg, d, d, quiet=True)
     head = {k: v.clone() for k, v in trainer.student.head.state_dict().items()}
     backbone = {k: v.clone() for k, v in trainer.student.backbone.state_dict().items()}
     # the labels of a step are those of the images its views are cut from
@@ -275,8 +276,8 @@ def test_supervised_baseline_trains_the_backbone_with_labels_and_leaves_the_dino
     assert len(epoch_lines) == 2 and not any("nan" in line for line in epoch_lines)  # no teacher stats
     assert all(torch.equal(v, trainer.student.head.state_dict()[k]) for k, v in head.items())
     assert any(not torch.equal(v, trainer.student.backbone.state_dict()[k]) for k, v in backbone.items())
-    ck = data.load_checkpoint(tmp_path / "checkpoint.pth")
+    ck = checkpoint.load_checkpoint(tmp_path / "checkpoint.pth")
     assert "classifier" in ck and ck["config"]["supervised"]
     # the teacher is a copy of the trained student: knn_eval and visualize read it as a run's teacher
-    teacher = vit.load_backbone(tmp_path / "checkpoint.pth")
+    teacher = checkpoint.load_backbone(tmp_path / "checkpoint.pth")
     assert all(torch.equal(v, trainer.student.backbone.state_dict()[k]) for k, v in teacher.state_dict().items())

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import augment
+import checkpoint
 import data
 import dino
 import knn_eval
@@ -175,7 +177,7 @@ def test_embeddings_of_an_in_memory_set_name_their_rows_and_keep_labels(tmp_path
         assert e["unreadable"] == [str(folder / "train" / "c1" / "zero.png")]
         assert e["labels"].tolist() == train.labels.tolist() and e["classes"] == ["c0", "c1"]
         with torch.no_grad():  # the oracle: the network on the images, by hand
-            x = data.normalize(train.images.float() / 255)
+            x = augment.normalize(train.images.float() / 255)
             tokens = backbone.get_intermediate_layers(x, 1)[0]
         cls, mean_patch = tokens[:, 0], tokens[:, 1:].mean(1)
         expected = torch.cat([cls, mean_patch], 1) if flags else F.normalize(cls, dim=1)
@@ -235,7 +237,7 @@ def test_the_readme_section_runs_on_a_tiny_folder(tmp_path, monkeypatch, capsys)
     paths = embedded["paths"]
     assert len(paths) == 20 and paths == sorted(paths) and shown.startswith(f"['{paths[0]}', ")
     # the exported backbone is the network that made the embeddings
-    model = vit.load_backbone(tmp_path / "my_photos_vit.pth")
+    model = checkpoint.load_backbone(tmp_path / "my_photos_vit.pth")
     _, train, _ = data.load_data("my_photos")
     features, _ = knn_eval.extract_features(model, data.eval_batches(train, model.img_size), "cpu")
     torch.testing.assert_close(features, embedded["features"])

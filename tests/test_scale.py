@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import data
 import dino
 
@@ -163,7 +164,7 @@ def test_checkpoint_that_would_run_code_is_refused(folder, tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"teacher": Payload(), "student": {}}, path)
     with pytest.raises(data.DinoError, match="could run code"):
-        data.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
     assert not marker.exists()
     # through the command line: a one-line error, and nothing ran
     (tmp_path / "run").mkdir()

@@ -1,6 +1,5 @@
 """End to end: a short run on the built-in data, its log and checkpoint, resume, and bad input."""
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -131,14 +130,14 @@ def test_time_estimate_is_readable_and_points_a_cpu_user_to_the_quick_run(monkey
     trainer = dino.Trainer(cfg, images, None, quiet=True)
     assert trainer.steps_per_epoch == 2  # 512 images in batches of 256
     # 200 steps in all; after step 0 of epoch 2 (the 5th), 195 remain: 195 × 72 s = 234 min
+    assert trainer.total_steps - 2 * trainer.steps_per_epoch - 0 - 1 == 195
     for native in (True, False):
         monkeypatch.setattr(dino, "cpu_has_native_bf16", lambda: native)
-        text = trainer.time_estimate(72.0, epoch=2, step=0)
+        text = dino.time_estimate(72.0, 195, trainer.device, trainer.bf16, cfg.data)
         assert text.startswith("about 72.00 s/step: 3.9 h for the remaining 195 steps on cpu")
         assert "python dino.py" in text and "a GPU" in text
         assert ("--precision bf16" in text) == native  # suggested where the CPU has bf16
     # on the built-in data set there is no quicker data set to suggest; an hour or less: no hints
-    trainer.cfg = dataclasses.replace(cfg, data="shapes")
-    assert "python dino.py" not in trainer.time_estimate(72.0, epoch=2, step=0)
-    assert trainer.time_estimate(18.3, epoch=2, step=0) == \
+    assert "python dino.py" not in dino.time_estimate(72.0, 195, trainer.device, trainer.bf16, "shapes")
+    assert dino.time_estimate(18.3, 195, trainer.device, trainer.bf16, "shapes") == \
         "about 18.30 s/step: 59 min for the remaining 195 steps on cpu"

@@ -11,6 +11,8 @@ import matplotlib.image as plt_image
 import pytest
 import torch
 
+import augment
+import checkpoint
 import data
 import dino
 import knn_eval
@@ -143,7 +145,7 @@ def test_authors_vit_small_16_loads_in_both_layouts_and_draws(tmp_path):
                 "epoch": 100}, tmp_path / "checkpoint.pth")
     x = torch.rand(1, 3, 32, 48)
     for name in ("dino_deitsmall16_pretrain.pth", "checkpoint.pth"):
-        model = vit.load_backbone(tmp_path / name)
+        model = checkpoint.load_backbone(tmp_path / name)
         assert (model.embed_dim, len(model.blocks), model.num_heads, model.patch_size) == (384, 12, 6, 16)
         assert model.img_size == 224
         with torch.no_grad():
@@ -160,8 +162,8 @@ def test_a_width_outside_archs_needs_num_heads(tmp_path):
     torch.save({"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()}},
                tmp_path / "checkpoint.pth")
     with pytest.raises(data.DinoError, match="--num_heads"):
-        vit.load_backbone(tmp_path / "checkpoint.pth")
-    loaded = vit.load_backbone(tmp_path / "checkpoint.pth", num_heads=4)
+        checkpoint.load_backbone(tmp_path / "checkpoint.pth")
+    loaded = checkpoint.load_backbone(tmp_path / "checkpoint.pth", num_heads=4)
     x = torch.rand(3, 16, 16)
     torch.testing.assert_close(visualize.cls_attention(loaded, x), visualize.cls_attention(model, x))
 
@@ -205,7 +207,7 @@ def test_views_are_the_training_views():
     expected = dino.multicrop(shapes.images[2:3], cfg, torch.Generator().manual_seed(5))
     assert [v.shape for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
     for v, e in zip(views, expected):  # un-normalising gives back the [0, 1] views
-        torch.testing.assert_close(data.normalize(v[None]), e, atol=1e-5, rtol=0)
+        torch.testing.assert_close(augment.normalize(v[None]), e, atol=1e-5, rtol=0)
 
 
 def test_curves_figure_returns_a_figure_with_the_entropy_bounds(run_dir):

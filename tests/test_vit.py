@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import checkpoint
 import data
 import vit
 
@@ -115,7 +116,7 @@ def test_input_not_multiple_of_patch_is_refused():
         model(torch.randn(1, 3, 30, 30))
 
 
-# -- the one weight loader (vit.load_backbone), for knn_eval.py, visualize.py and dino.py -----------
+# -- the one weight loader (checkpoint.load_backbone), for knn_eval.py, visualize.py and dino.py -----------
 
 def test_pretrained_weights_in_the_authors_formats(tmp_path):
     torch.manual_seed(0)
@@ -125,7 +126,7 @@ def test_pretrained_weights_in_the_authors_formats(tmp_path):
     torch.save(full, tmp_path / "full.pth")
     torch.save(state, tmp_path / "plain.pth")
     for name, weights, shift in [("full.pth", "student", 1), ("plain.pth", "teacher", 0)]:
-        model = vit.load_backbone(tmp_path / name, weights)
+        model = checkpoint.load_backbone(tmp_path / name, weights)
         assert (vit.describe(model), model.img_size, len(model.blocks)) == ("vit_small/16", 224, 12)
         for k, v in model.state_dict().items():
             assert torch.equal(v, state[k] + shift), k
@@ -137,7 +138,7 @@ def test_pretrained_tiny_vit_of_unusual_depth_gives_the_same_features(tmp_path):
     weights = {"backbone." + k: v for k, v in original.state_dict().items()}
     weights["head.mlp.0.weight"] = torch.zeros(4, 64)  # the projection head is dropped
     torch.save({"teacher": weights, "student": {}}, tmp_path / "w.pth")
-    model = vit.load_backbone(tmp_path / "w.pth", "teacher")
+    model = checkpoint.load_backbone(tmp_path / "w.pth", "teacher")
     assert (vit.describe(model), model.img_size) == ("ViT D=64 depth 2 heads 4/8", 32)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -151,7 +152,7 @@ def test_a_checkpoints_recorded_heads_beat_the_width_rule(tmp_path):
     original = vit.VisionTransformer(img_size=16, patch_size=8, embed_dim=64, depth=1, num_heads=2).eval()
     torch.save({"teacher": {"backbone." + k: v for k, v in original.state_dict().items()},
                 "student": {}, "vit": {"embed_dim": 64, "depth": 1, "num_heads": 2}}, tmp_path / "c.pth")
-    model = vit.load_backbone(tmp_path / "c.pth")
+    model = checkpoint.load_backbone(tmp_path / "c.pth")
     assert model.num_heads == 2
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -168,4 +169,4 @@ def test_a_checkpoints_recorded_heads_beat_the_width_rule(tmp_path):
 def test_weights_that_are_no_vit_get_one_line_errors(tmp_path, obj, message):
     torch.save(obj, tmp_path / "w.pth")
     with pytest.raises(data.DinoError, match=message):
-        vit.load_backbone(tmp_path / "w.pth")
+        checkpoint.load_backbone(tmp_path / "w.pth")
