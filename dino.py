@@ -1,22 +1,19 @@
 """DINO: self-distillation with no labels, following the paper.
 
 Caron, Touvron, Misra, Jégou, Mairal, Bojanowski, Joulin. "Emerging Properties in Self-Supervised
-Vision Transformers", ICCV 2021, arXiv:2104.14294; authors' code: github.com/facebookresearch/dino.
-Where this file knowingly differs from that code, a comment says so.
+Vision Transformers", ICCV 2021, arXiv:2104.14294; authors' code: github.com/facebookresearch/dino
+(where this file knowingly differs from it, a comment says so).
 
-A student g_θs and a teacher g_θt (one architecture: a ViT backbone and a projection head) each
-turn an image view into a distribution over K dimensions. The student sees 2 global and several
-local views of an image, the teacher only the 2 global ones, and the student learns to predict
-the teacher's distribution for every other view. The teacher is an exponential moving average of
-the student; centering and sharpening its output keep the two from collapsing to a constant.
+A student g_θs and a teacher g_θt (one architecture: ViT backbone + projection head) each turn an
+image view into a distribution over K dimensions. The student sees 2 global and several local views
+of an image, the teacher only the 2 global ones, and the student learns to predict the teacher's
+distribution for every other view. The teacher is an exponential moving average of the student;
+centering and sharpening its output keep the two from collapsing to a constant.
 
-Part I, the method, in the order of the paper's Section 3.1 and Algorithm 1: 1. hyperparameters,
-2. head, 3. loss with centering and sharpening, 4. teacher EMA, 5. schedules, 6. multi-crop views,
-7. one training step. Part II, running it: 8. presets, 9. batches, 10. several processes, 11. the
-training loop (11b. a supervised baseline beside it, 11c. the run's records), 12. the command line.
-Data: data.py; the ViT: vit.py; the augmentations' pixel operations: augment.py; checkpoint
-files and weight loading: checkpoint.py.
-Run `python dino.py` (built-in data, ~4 min on a laptop CPU) or `python dino.py --data ./cifar10`.
+Part I, the method, in the order of the paper's Section 3.1 and Algorithm 1: 1. hyperparameters, 2.
+head, 3. loss (centering, sharpening), 4. teacher EMA, 5. schedules, 6. multi-crop views, 7. one
+training step. Part II, running it: 8. presets, 9. batches, 10. several processes, 11. the loop
+(11b. a supervised baseline, 11c. the run's records), 12. the command line.
 """
 
 import argparse
@@ -32,7 +29,6 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -58,10 +54,10 @@ from knn_eval import extract_features, knn_accuracy
 
 def flag(default, help: str, valid=None):
     """A Config field: its default, --help text and accepted values (data.RULES key, choices, None)."""
-    return field(default=default, metadata={"help": help, "valid": valid})
+    return dataclasses.field(default=default, metadata={"help": help, "valid": valid})
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     data: str = flag("shapes", "'shapes' or 'objects' (built in), a CIFAR-10 folder, an image folder (train/"
                                "<class>/ and val/ or test/), or any folder of images (no labels)")
@@ -282,7 +278,7 @@ def schedules(cfg: Config, steps_per_epoch: int, world_size: int = 1) -> dict:
 #       ones. Every view: random resized crop, flip, colour jitter, grayscale, blur, solarize. One
 #       table drives both paths: whole batches on the device, and per-image crops for folders.
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ViewSpec:
     flip: float = 0.5       # P(horizontal flip)
     jitter: float = 0.8     # P(colour jitter)

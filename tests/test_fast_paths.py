@@ -40,7 +40,7 @@ def test_a_step_reads_nothing_back_from_the_device(monkeypatch):
     trainer = trainer_for(cfg, shapes)
     allowed = {t.untyped_storage().data_ptr() for t in trainer.schedule.values()}
     computing_all = augment.where_images
-    monkeypatch.setattr(data, "where_images",
+    monkeypatch.setattr(augment, "where_images",
                         lambda *args, **kw: computing_all(*args, **{**kw, "every_image": True}))
     reads = []
 
