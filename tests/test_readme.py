@@ -26,12 +26,6 @@ SETUP = [
     "python3 -m venv .venv && . .venv/bin/activate && pip install -r requirements.txt && python -m pytest -q tests",
 ]
 SCRIPTS = ("dino.py", "knn_eval.py", "visualize.py", "benchmark.py")
-# Modules the README's file table describes that come with the restructuring of the code on
-# main (checkpoint.load_backbone replaces vit.load_backbone). Until this branch meets that work
-# they are absent here; the test then expects exactly these to be missing. Empty it once merged.
-AWAITED = {"checkpoint.py", "augment.py"}
-
-
 def code_blocks(text: str) -> list:
     """(language, code) of each fenced block."""
     return re.findall(r"^```(\w*)\n(.*?)^```", text, flags=re.S | re.M)
@@ -172,14 +166,11 @@ def test_every_file_and_link_named_exists():
                            r"(?:notebooks/[\w.-]+\.ipynb)|(?:(?:[\w-]+/)*[\w-]+\.py))\b", text)
         for name in names:
             if not (ROOT / name).exists():
-                missing.add(name if name in AWAITED else f"{page.name}: {name}")
+                missing.add(f"{page.name}: {name}")
         for file, test in re.findall(r"(tests/[\w-]+\.py)::(\w+)", text):
             if (ROOT / file).exists() and f"def {test}(" not in (ROOT / file).read_text():
                 missing.add(f"{page.name}: {file}::{test}")
-    unexpected = missing - AWAITED
-    assert not unexpected, sorted(unexpected)
-    if missing:
-        pytest.xfail(f"awaiting the restructured modules {sorted(missing)}")
+    assert not missing, sorted(missing)
 
 
 def test_no_reference_to_an_issue_tracker_readers_cannot_open():
