@@ -850,21 +850,25 @@ class Trainer:
             bar.set_postfix(self.records.postfix(loss, stats))
 
     def end_epoch(self, epoch, seconds) -> bool:
-        """Record the epoch (log.jsonl, the k-NN monitor when due), save; True at the run's end."""
-        self.check_finite()
+        """Save, then the k-NN monitor when due (and save again, so the checkpoint's history holds
+        it), then record the epoch (log.jsonl, its line) even if the k-NN fails; True at the end."""
         at = self.scheduled(min((epoch + 1) * self.steps_per_epoch, self.total_steps) - 1)
         record = self.records.epoch_record(epoch + 1, self.progress.means(), self.center.norm().item(),
                                            at, seconds, gather_lists(self.progress.unreadable))
         stopped_at, self.stopped_at = self.stopped_at, None  # a step, when the clock ran out
         last = epoch + 1 == self.epochs_to_run or stopped_at is not None
         knn_due = self.cfg.knn_every and (epoch + 1) % self.cfg.knn_every == 0
-        if self.eval_set is not None and (knn_due or last):
-            with self.clock.paused():  # evaluation does not count against --time_limit
-                record["knn_top1"] = self.knn()
+        position = (epoch, stopped_at) if stopped_at else (epoch + 1, 0)
         self.history.append(record)
-        self.save(*((epoch, stopped_at) if stopped_at else (epoch + 1, 0)))
-        self.records.epoch(record, (epoch + 1) * self.steps_per_epoch - 1, self.log,
-                           kept=f"{self.checkpoint_path} holds epoch {epoch + 1}")
+        self.save(*position)  # first: an evaluation that fails loses no training
+        try:
+            if self.eval_set is not None and (knn_due or last):
+                with self.clock.paused():  # evaluation does not count against --time_limit
+                    record["knn_top1"] = self.knn()  # the record in self.history
+                self.save(*position)
+        finally:
+            self.records.epoch(record, (epoch + 1) * self.steps_per_epoch - 1, self.log,
+                               kept=f"{self.checkpoint_path} holds epoch {epoch + 1}")
         return last
 
     def knn(self, k=20, temperature=0.07):
@@ -886,11 +890,7 @@ class Trainer:
     def check_finite(self):
         """Raise if a loss so far was not finite (a host-device sync: call it on a cadence)."""
         bad = -float(all_reduce_max(-self.first_bad))  # the earliest over the processes
-        kept = "no checkpoint was written yet"
-        if self.last_saved is not None:  # saved after a check like this one, or resumed from
-            epoch, step = self.last_saved  # epochs done, steps into the next
-            where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
-            kept = f"{self.checkpoint_path} holds the last good state ({where})"
+        kept = last_good_state(self.checkpoint_path, self.last_saved)
         if math.isfinite(bad):
             epoch, step = divmod(int(bad), self.steps_per_epoch)
             raise DinoError(f"the loss became NaN or infinite at epoch {epoch + 1}, step {step} "
@@ -970,6 +970,17 @@ class Trainer:
         self.center, what = checkpoint.warm_start(self.student, self.teacher, self.center, self.cfg.init_from)
         if self.rank == 0:
             log(f"started from {self.cfg.init_from}: {what}")
+
+
+def last_good_state(path, last_saved) -> str:
+    """Which checkpoint holds the last good state: last_saved is (epochs done, steps into the
+    next) of a save after a finiteness check, or of the checkpoint resumed from (which
+    check_resumable found finite); None: none was written yet."""
+    if last_saved is None:
+        return "no checkpoint was written yet"
+    epoch, step = last_saved
+    where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
+    return f"{path} holds the last good state ({where})"
 
 
 MODEL_FIELDS = ("arch", "patch_size", "out_dim", "hidden_dim", "bottleneck_dim",
