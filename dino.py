@@ -1239,7 +1239,102 @@ class SupervisedTrainer(Trainer):
         self.supervised.classifier.load_state_dict(ck["classifier"])
 
 
-# -- 11c. The run's records: what the loop hands over, written and shown.
+# -- 11c. The run's records: what the loop hands over, written and shown; the folder's lock.
+
+class RunLock:
+    """One run per output folder: OUTPUT_DIR/.lock, locked with flock (which the kernel drops when
+    its process ends, however it ends) and holding the holder's "pid host" for the error a second
+    run gives. A lock file left by a run that died without removing it (SIGKILL, a power cut) is
+    taken over with a warning. Where the file system has no flock, a holder on this host whose
+    pid no longer runs counts as gone. Removed on leaving: normal end, error, Ctrl-C."""
+
+    def __init__(self, folder, say=print):
+        self.path, self.say, self.file = Path(folder) / ".lock", say, None
+
+    def __enter__(self):
+        while True:
+            f = open_lock_file(self.path)
+            locked = try_flock(f)  # True, False (held by another), None (no flock here)
+            f.seek(0)
+            holder = f.read(200).split()
+            if locked is False or (locked is None and holder_alive(holder)):
+                f.close()
+                who = f"pid {holder[0]} on {holder[1]}" if len(holder) == 2 else "another process"
+                raise DinoError(f"--output_dir {self.path.parent} is in use by another run ({who} "
+                                f"holds {self.path}); wait for it to end or give another "
+                                f"--output_dir (if no such run is alive, delete {self.path})")
+            with contextlib.suppress(FileNotFoundError):  # else removed as we opened it: again
+                if os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino:
+                    break
+            f.close()
+        if holder:
+            self.say(f"warning: took over {self.path} from {' on '.join(holder[:2])}, a run that "
+                     f"ended without removing it (killed?)")
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()} {hostname()}\n")
+        f.flush()
+        self.file = f
+        return self
+
+    def __exit__(self, *exc):
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == os.fstat(self.file.fileno()).st_ino:
+                self.path.unlink()
+        self.file.close()  # drops the flock
+
+
+def open_lock_file(path: Path):
+    """OUTPUT_DIR/.lock opened to read and write, created if missing; never through a symlink,
+    and never anything but a regular file (a one-line error names what is in the way)."""
+    import stat  # here: only the lock needs it
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        raise DinoError(f"--output_dir {path.parent}: its lock file {path} cannot be opened "
+                        f"({e.strerror or e}); if it is a symlink or folder, remove it") from None
+    f = os.fdopen(fd, "r+")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise DinoError(f"--output_dir {path.parent}: its lock file {path} is not a regular file; remove it")
+    return f
+
+
+def hostname() -> str:
+    import socket  # here: only the lock needs it
+    return socket.gethostname()
+
+
+def try_flock(f):
+    """Lock an open file for this process alone: True, False where another holds it, None where
+    the file system (or platform) has no flock."""
+    try:
+        import fcntl
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except (BlockingIOError, PermissionError):
+        return False
+    except (ImportError, OSError):
+        return None
+
+
+def holder_alive(holder: list) -> bool:
+    """Whether the "pid host" of a lock file may still run: surely not when it names this host
+    and a pid that is gone; another host's cannot be checked from here."""
+    if len(holder) != 2 or not holder[0].isdigit():
+        return False
+    if holder[1] != hostname():
+        return True
+    try:
+        os.kill(int(holder[0]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return int(holder[0]) != os.getpid()
+
+
+# -- the run's records: what the loop hands over, written and shown.
 
 class RunLog:
     """The run's folder and terminal, written by the first process only: config.json (the
@@ -1463,7 +1558,10 @@ def main(argv=None):
     explicit_device.add_argument("--device", default=Config.device)
     rank, world = init_distributed(explicit_device.parse_known_args(argv)[0].device)
     try:
-        return run(parse_config(argv), print if rank == 0 else silent)
+        cfg, say = parse_config(argv), print if rank == 0 else silent
+        data.writable_folder(cfg.output_dir, "--output_dir")  # before any work, not after an epoch
+        with RunLock(cfg.output_dir, say) if rank == 0 else contextlib.nullcontext():  # one run a folder
+            return run(cfg, say)
     finally:
         if world > 1:
             dist.destroy_process_group()
