@@ -1353,8 +1353,8 @@ class RunLog:
         (self.output_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2) + "\n")
         steps = self.output_dir / "steps.jsonl"
         if steps.exists():  # records past the checkpoint (or cut short by a kill) come again
-            kept = [line for line in steps.read_text().splitlines() if line.endswith("}")
-                    and json.loads(line)["iteration"] < start_iteration]
+            kept = [line for line in steps.read_text(errors="replace").splitlines()
+                    if -1 < record_iteration(line) < start_iteration]
             steps.write_text("".join(line + "\n" for line in kept))
         if self.cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # optional package: loaded only when asked
@@ -1416,6 +1416,17 @@ class RunLog:
         """The progress bar's loss and h(P_t) (left out where NaN: the supervised baseline)."""
         h_t = stats["teacher_entropy"].item()
         return dict(loss=f"{loss.item():.3f}", **({} if math.isnan(h_t) else {"h_t": f"{h_t:.2f}"}))
+
+
+def record_iteration(line: str) -> int:
+    """The iteration of a line of steps.jsonl; -1 for a line that is no record (the last one,
+    cut short when a run was killed while writing it, or garbage a crash left)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return -1
+    iteration = record.get("iteration") if isinstance(record, dict) else None
+    return iteration if isinstance(iteration, int) else -1
 
 
 def record_every(total_steps: int, log_every: int = 0) -> int:
