@@ -1008,6 +1008,11 @@ def check_resumable(ck, cfg: Config, world: int, path) -> tuple[int, list]:
     --steps or 0, the settings that changed: 'lr 0.1 → 0.2')."""
     require(isinstance(ck, dict) and "teacher" in ck and "student" in ck,
             f"{path} is not a DINO checkpoint of this project; use another --output_dir")
+    bad = checkpoint.first_non_finite({k: ck.get(k, {}) for k in ("student", "teacher", "optimizer")}
+                                      | {"center": ck.get("center")})
+    require(bad is None, f"{path} holds NaN or infinite values ({bad} first), so it cannot be "
+                         f"resumed from: the run diverged before it was written; delete it to "
+                         f"start afresh, or train into another --output_dir")
     saved, ours = ck.get("config", {}), config_to_dict(cfg)
     changed = [f"{k}: {saved.get(k)} → {ours[k]}" for k in MODEL_FIELDS if k in saved and saved[k] != ours[k]]
     require(not changed, f"{path} was trained with other model settings ({'; '.join(changed)}); "
