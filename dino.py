@@ -761,12 +761,12 @@ class Trainer:
         self.log = log if self.rank == 0 else silent
         self.clock.start(self.cfg.time_limit)
         self.steps_done = 0
-        if self.cfg.time_limit and not self.cfg.steps and (self.start_epoch, self.start_step) == (0, 0):
-            plan_to_time_limit(self)
-        if self.rank == 0:
-            self.records.open(self.start_epoch * self.steps_per_epoch + self.start_step)
         try:
-            with self.signals:
+            with self.signals:  # from the start: the speed measurement takes seconds too
+                if self.cfg.time_limit and not self.cfg.steps and (self.start_epoch, self.start_step) == (0, 0):
+                    plan_to_time_limit(self)
+                if self.rank == 0:
+                    self.records.open(self.start_epoch * self.steps_per_epoch + self.start_step)
                 for epoch in range(self.start_epoch, stop_after or self.epochs_to_run):
                     first = self.start_step if epoch == self.start_epoch else 0
                     seconds = self.run_epoch(epoch, first, on_step)
@@ -1090,6 +1090,8 @@ def plan_to_time_limit(trainer: Trainer):
     fit, epochs = int(0.92 * left / per_step), trainer.cfg.epochs * trainer.steps_per_epoch
     require(fit >= 1, f"--time_limit {trainer.cfg.time_limit} min is shorter than one step here "
                       f"({per_step:.1f} s); raise it")
+    if trainer.should_stop(0) == "signal":  # Ctrl-C or SIGTERM while timing: nothing to save yet
+        raise KeyboardInterrupt
     trainer.plan(fit if fit < epochs else 0)  # 0: the epochs set T, and a resume may raise them
     trainer.log(f"--time_limit {trainer.cfg.time_limit:g} min: {per_step:.3f} s/step measured, so "
                 + (f"{fit} steps ({fit / trainer.steps_per_epoch:.1f} epochs of the data), the "
@@ -1117,6 +1119,8 @@ def measure_step_seconds(trainer: Trainer, warmup=3, seconds=8.0, most=60) -> fl
         nonlocal center
         t0 = time.time()
         for v, _ in itertools.islice(views, n):
+            if trainer.signals.requested and trainer.world == 1:  # Ctrl-C, SIGTERM: stop timing
+                raise KeyboardInterrupt  # (under torchrun the processes agree after it, in fit)
             loss, _, center = train_step(student_fn, teacher_fn, center, v, optimizer, cfg, at)
             loss.item()  # wait for the device
         return time.time() - t0
@@ -1628,9 +1632,11 @@ def run(cfg: Config, say) -> int:
         try:
             trainer.fit(log=say)
         except KeyboardInterrupt:
-            if not trainer.saved_on_stop:  # a second Ctrl-C: the last periodic checkpoint stands
+            if not trainer.saved_on_stop:  # a second Ctrl-C, or one before the first step
                 say(f"\nstopped; the last checkpoint is {trainer.checkpoint_path}: run the same "
-                    f"command to resume")
+                    f"command to resume" if trainer.last_saved is not None else
+                    f"\nstopped before any checkpoint was written: the same command starts the "
+                    f"run afresh")
             return 130
     if eval_set is not None:
         last = trainer.history[-1] if trainer.history else {}
