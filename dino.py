@@ -48,7 +48,7 @@ import checkpoint
 import data
 import vit
 from data import DinoError, ImageSet, require
-from knn_eval import extract_features, knn_accuracy
+from knn_eval import extract_features, knn_accuracy, one_class_warning
 
 # ================================================================================================
 # Part I. The method
@@ -500,17 +500,20 @@ CPU_RECIPE = dict(  # epochs: the plan's shape (10 % warm-up, ...), squeezed ont
     drop_path_rate=0.0, weight_decay_end=0.1, precision="bf16", knn_every=2)
 
 
-def cpu_recipe_note(image_size: int, name: str, minutes: float = CPU_RECIPE["time_limit"]) -> str:
-    """The start line of a CPU run on small images: what the CPU recipe is, and the flags of the
-    full (GPU) recipe."""
-    ours, full = preset_for(image_size, name), preset_for(image_size, name, budget=False)
+def cpu_recipe_note(image_size: int, name: str, minutes: float = CPU_RECIPE["time_limit"],
+                    cfg: Config | None = None) -> str:
+    """The start line of a CPU run on small images: what the CPU recipe is (with cfg: the run's
+    own values, which flags may have changed), and the flags of the full (GPU) recipe."""
+    recipe, full = preset_for(image_size, name), preset_for(image_size, name, budget=False)
+    ours = {k: getattr(cfg, k) for k in recipe} if cfg else recipe
     full = {**{k: getattr(Config, k) for k in ours}, **full}
     flags = [(f"--{k}" if v else f"--no_{k}") if isinstance(v, bool) else f"--{k} {v:g}"
              if isinstance(v, float) else f"--{k} {v}" for k, v in full.items() if ours[k] != v]
-    return (f"on a CPU: a recipe for --time_limit {minutes:g} min ({ours['arch']}/"
-            f"{ours['patch_size']}, {ours['local_crops_number']} local views, batch {ours['batch_size']}, "
-            f"{ours['precision']}), its schedules laid over the steps that fit; the GPU recipe would "
-            f"take days here. The full recipe: {' '.join(flags)}")
+    changed = any(ours[k] != v for k, v in recipe.items() if k != "time_limit")
+    return (f"on a CPU: a recipe for --time_limit {minutes:g} min{' under your flags' if changed else ''} "
+            f"({ours['arch']}/{ours['patch_size']}, {ours['local_crops_number']} local views, batch "
+            f"{ours['batch_size']}, {ours['precision']}), its schedules laid over the steps that fit; "
+            f"the GPU recipe would take days here. The full recipe: {' '.join(flags)}")
 
 
 # -- 9. Feeding batches of views to the loop. Deterministic given (seed, epoch, step).
@@ -1587,6 +1590,30 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+def start_notes(cfg: Config, train_set: ImageSet, eval_set: ImageSet | None, say):
+    """The lines after the first: the data's labels, unreadable files, settings that defeat
+    themselves, and a k-NN monitor that cannot mean anything (one class)."""
+    labelled = data.has_labels(train_set)
+    if not labelled:
+        say(f"no labels: {cfg.data} has no train/<class>/ folders, so DINO trains on every image "
+            f"under it (it needs no labels); " + (
+                "no k-NN monitor (it needs a labelled val/ or test/ beside the images)"
+                if eval_set is None else f"the k-NN monitor votes among the {len(eval_set)} "
+                f"labelled evaluation images, each leaving itself out"))
+    voters = train_set if labelled else eval_set
+    if eval_set is not None and voters is not None and len(voters.labels.unique()) < 2:
+        say(one_class_warning(voters.classes))
+    if train_set.unreadable:
+        say(f"warning: {len(train_set.unreadable)} unreadable image(s) left out (named in "
+            f"log.jsonl): {', '.join(train_set.unreadable[:5])}"
+            + (" ..." if len(train_set.unreadable) > 5 else ""))
+    for flag, what in (("warmup_epochs", "the learning rate never reaches its peak"),
+                       ("freeze_last_layer", "the head's last layer never trains")):
+        if getattr(cfg, flag) >= cfg.epochs:
+            say(f"warning: --{flag} {getattr(cfg, flag)} covers the whole run of {cfg.epochs} "
+                f"epoch(s): {what}; lower it or raise --epochs")
+
+
 def run(cfg: Config, say) -> int:
     _, world = rank_and_world()
     data.writable_folder(cfg.output_dir, "--output_dir")  # before any work, not after an epoch
@@ -1608,22 +1635,8 @@ def run(cfg: Config, say) -> int:
         + f" | output {cfg.output_dir}")
     _, image_size = data.peek(cfg.data)
     if trainer.device.type == "cpu" and cfg.time_limit and "time_limit" in preset_for(image_size, name):
-        say(cpu_recipe_note(image_size, name, cfg.time_limit))
-    if not labelled:
-        say(f"no labels: {cfg.data} has no train/<class>/ folders, so DINO trains on every image "
-            f"under it (it needs no labels); " + (
-                "no k-NN monitor (it needs a labelled val/ or test/ beside the images)"
-                if eval_set is None else f"the k-NN monitor votes among the {len(eval_set)} "
-                f"labelled evaluation images, each leaving itself out"))
-    if train_set.unreadable:
-        say(f"warning: {len(train_set.unreadable)} unreadable image(s) left out (named in "
-            f"log.jsonl): {', '.join(train_set.unreadable[:5])}"
-            + (" ..." if len(train_set.unreadable) > 5 else ""))
-    for flag, what in (("warmup_epochs", "the learning rate never reaches its peak"),
-                       ("freeze_last_layer", "the head's last layer never trains")):
-        if getattr(cfg, flag) >= cfg.epochs:
-            say(f"warning: --{flag} {getattr(cfg, flag)} covers the whole run of {cfg.epochs} "
-                f"epoch(s): {what}; lower it or raise --epochs")
+        say(cpu_recipe_note(image_size, name, cfg.time_limit, cfg))
+    start_notes(cfg, train_set, eval_set, say)
     if not trainer.resume(log=say) and cfg.init_from:
         trainer.warm_start(log=say)
     if trainer.start_epoch * trainer.steps_per_epoch + trainer.start_step >= trainer.total_steps:
