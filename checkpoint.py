@@ -56,13 +56,7 @@ def save_checkpoint(state: dict, path: Path, with_checksum: bool = True):
     is ever replaced: a device, a FIFO or a folder at the path (or at its temporary name) is an
     error, and the temporary file is created afresh, never written through a symlink."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
-        raise DinoError(f"could not write {path}: it is {kind_of_file(path)}, not a regular file, "
-                        f"and is left as it is; give a file name")
-    if os.path.lexists(tmp) and not (tmp.is_symlink() or stat.S_ISREG(os.lstat(tmp).st_mode)):
-        raise DinoError(f"could not write {path}: {tmp}, its temporary name, is {kind_of_file(tmp)} "
-                        f"(not a file an interrupted save left); move it away")
+    tmp = check_writable(path)
     try:
         tmp.unlink(missing_ok=True)  # a file (or symlink) an interrupted save left
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
@@ -76,6 +70,21 @@ def save_checkpoint(state: dict, path: Path, with_checksum: bool = True):
         cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         kept = "the previous file is kept" if path.exists() else "no earlier file exists"
         raise DinoError(f"could not write {path}: {cause}; {kept}") from None
+
+
+def check_writable(path: Path) -> Path:
+    """A one-line error where save_checkpoint could not write path without harm: something other
+    than a regular file at the path, or other than a file (or symlink) at its temporary name.
+    dino.py calls it before training, so the first save does not find out after an epoch.
+    Returns the temporary name."""
+    tmp = path.with_name(path.name + ".tmp")
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+        raise DinoError(f"could not write {path}: it is {kind_of_file(path)}, not a regular file, "
+                        f"and is left as it is; give a file name")
+    if os.path.lexists(tmp) and not (tmp.is_symlink() or stat.S_ISREG(os.lstat(tmp).st_mode)):
+        raise DinoError(f"could not write {path}: {tmp}, its temporary name, is {kind_of_file(tmp)} "
+                        f"(not a file an interrupted save left); move it away")
+    return tmp
 
 
 def kind_of_file(path) -> str:

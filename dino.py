@@ -1583,6 +1583,7 @@ def main(argv=None):
     try:
         cfg, say = parse_config(argv), print if rank == 0 else silent
         data.writable_folder(cfg.output_dir, "--output_dir")  # before any work, not after an epoch
+        checkpoint.check_writable(Path(cfg.output_dir) / "checkpoint.pth")
         with RunLock(cfg.output_dir, say) if rank == 0 else contextlib.nullcontext():  # one run a folder
             return run(cfg, say)
     finally:
