@@ -13,6 +13,8 @@ import hashlib
 import math
 import os
 import pickle
+import stat
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -50,20 +52,61 @@ def save_checkpoint(state: dict, path: Path, with_checksum: bool = True):
     """Write atomically: to a temporary file, flushed and fsynced, then renamed over the old one,
     with a checksum of the tensors (with_checksum=False for a plain state dict that other code
     loads strictly). If the write fails (a full disk, say), the temporary file is removed, the
-    previous file stays as it was, and a one-line DinoError says what failed."""
+    previous file stays as it was, and a one-line DinoError says what failed. Only a regular file
+    is ever replaced: a device, a FIFO or a folder at the path (or at its temporary name) is an
+    error, and the temporary file is created afresh, never written through a symlink."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = check_writable(path)
     try:
-        with open(tmp, "wb") as f:
+        tmp.unlink(missing_ok=True)  # a file (or symlink) an interrupted save left
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
             torch.save({**state, "checksum": checksum(state)} if with_checksum else state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        tmp.unlink(missing_ok=True)
+        if tmp.is_symlink() or tmp.is_file():
+            tmp.unlink(missing_ok=True)
         cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         kept = "the previous file is kept" if path.exists() else "no earlier file exists"
         raise DinoError(f"could not write {path}: {cause}; {kept}") from None
+
+
+def check_writable(path: Path) -> Path:
+    """A one-line error where save_checkpoint could not write path without harm: something other
+    than a regular file at the path, or other than a file (or symlink) at its temporary name.
+    dino.py calls it before training, so the first save does not find out after an epoch.
+    Returns the temporary name."""
+    tmp = path.with_name(path.name + ".tmp")
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+        raise DinoError(f"could not write {path}: it is {kind_of_file(path)}, not a regular file, "
+                        f"and is left as it is; give a file name")
+    if os.path.lexists(tmp) and not (tmp.is_symlink() or stat.S_ISREG(os.lstat(tmp).st_mode)):
+        raise DinoError(f"could not write {path}: {tmp}, its temporary name, is {kind_of_file(tmp)} "
+                        f"(not a file an interrupted save left); move it away")
+    return tmp
+
+
+def kind_of_file(path) -> str:
+    """'a folder', 'a device', 'a FIFO', ... for a path that exists (symlinks followed, unless broken)."""
+    mode = os.stat(path).st_mode if os.path.exists(path) else os.lstat(path).st_mode
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a broken symlink"))
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
+def first_non_finite(tensors: dict, prefix: str = "") -> str | None:
+    """The name of the first floating-point tensor holding NaN or ±inf in a (nested) dict of
+    tensors (a state dict, an optimizer's state), or None when all are finite."""
+    for key, value in tensors.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            found = first_non_finite(value, name + ".")
+            if found:
+                return found
+        elif torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            return name
+    return None
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -172,10 +215,29 @@ def load_backbone(path, weights: str = "teacher", num_heads: int | None = None) 
 
 
 def backbone_from(obj, source: str, weights: str = "teacher", num_heads: int | None = None):
-    """load_backbone for an object already read from a file."""
+    """load_backbone for an object already read from a file. Weights holding NaN or ±inf (a run
+    that diverged) are refused: every feature, k-NN vote and attention map of them would be NaN.
+    A num_heads other than the file's own record is refused; for a file without one (a plain
+    export, the authors' backbones), a num_heads other than the usual one for its width is
+    warned about: the weights cannot show the split (see vit_from_state_dict)."""
     recorded = obj.get("vit") if isinstance(obj, dict) and isinstance(obj.get("vit"), dict) else {}
     state = backbone_state_dict(obj, source, weights)
-    return vit_from_state_dict(state, source, num_heads or recorded.get("num_heads"))
+    bad = first_non_finite(state)
+    require(bad is None, f"{source}: the {weights} backbone's weights hold NaN or infinite values "
+                         f"({bad} first): the run that wrote them diverged; use a checkpoint from "
+                         f"before it diverged, or train again (lower --lr, --precision fp32)")
+    heads = recorded.get("num_heads")
+    require(not (num_heads and heads and num_heads != heads),
+            f"{source} was trained with {heads} attention heads (its 'vit' record), not "
+            f"{num_heads}; leave num_heads out (or give {heads})")
+    width = state["cls_token"].shape[-1]
+    usual = {dim: h for dim, _, h in vit.ARCHS.values()}.get(width)
+    if num_heads and not heads and usual and num_heads != usual:
+        warnings.warn(f"{source}: {num_heads} heads asked for a ViT of width {width}, which has "
+                      f"{usual} in every known size; the file does not record its heads, so they "
+                      f"cannot be checked: if it was trained with {usual}, these features and "
+                      f"attention maps are not the trained network's", stacklevel=3)
+    return vit_from_state_dict(state, source, num_heads or heads)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,6 +271,9 @@ def warm_start_weights(obj, source: str) -> dict:
         if full:
             named = {k.removeprefix("module."): v for k, v in obj[role].items() if torch.is_tensor(v)}
             state.update({AUTHORS_LAST_LAYER.get(k, k): v for k, v in named.items() if k.startswith("head.")})
+        bad = first_non_finite(state)
+        require(bad is None, f"--init_from {source}: the {role}'s {bad} holds NaN or infinite "
+                             f"values (the run that wrote it diverged); start from another file")
         weights[role] = state
     if full:
         center = obj.get("center", (obj.get("dino_loss") or {}).get("center"))

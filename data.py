@@ -104,6 +104,9 @@ def writable_file(path, flag: str) -> Path:
     """writable_folder for the folder of a file a command will write."""
     path = Path(path).expanduser()
     require(not path.is_dir(), f"{flag} {path} is a folder; give a file name")
+    # the file is written beside it and renamed over it: never over a device, FIFO or socket
+    require(not path.exists() or path.is_file(), f"{flag} {path} is a device, FIFO or other special "
+                                                 f"file, not a regular file; give a file name")
     try:
         writable_folder(path.parent, flag)
     except DinoError:

@@ -44,7 +44,7 @@ import checkpoint
 import data
 import vit
 from data import DinoError, ImageSet, require
-from knn_eval import extract_features, knn_accuracy
+from knn_eval import extract_features, knn_accuracy, one_class_warning
 
 # ================================================================================================
 # Part I. The method
@@ -496,17 +496,20 @@ CPU_RECIPE = dict(  # epochs: the plan's shape (10 % warm-up, ...), squeezed ont
     drop_path_rate=0.0, weight_decay_end=0.1, precision="bf16", knn_every=2)
 
 
-def cpu_recipe_note(image_size: int, name: str, minutes: float = CPU_RECIPE["time_limit"]) -> str:
-    """The start line of a CPU run on small images: what the CPU recipe is, and the flags of the
-    full (GPU) recipe."""
-    ours, full = preset_for(image_size, name), preset_for(image_size, name, budget=False)
+def cpu_recipe_note(image_size: int, name: str, minutes: float = CPU_RECIPE["time_limit"],
+                    cfg: Config | None = None) -> str:
+    """The start line of a CPU run on small images: what the CPU recipe is (with cfg: the run's
+    own values, which flags may have changed), and the flags of the full (GPU) recipe."""
+    recipe, full = preset_for(image_size, name), preset_for(image_size, name, budget=False)
+    ours = {k: getattr(cfg, k) for k in recipe} if cfg else recipe
     full = {**{k: getattr(Config, k) for k in ours}, **full}
     flags = [(f"--{k}" if v else f"--no_{k}") if isinstance(v, bool) else f"--{k} {v:g}"
              if isinstance(v, float) else f"--{k} {v}" for k, v in full.items() if ours[k] != v]
-    return (f"on a CPU: a recipe for --time_limit {minutes:g} min ({ours['arch']}/"
-            f"{ours['patch_size']}, {ours['local_crops_number']} local views, batch {ours['batch_size']}, "
-            f"{ours['precision']}), its schedules laid over the steps that fit; the GPU recipe would "
-            f"take days here. The full recipe: {' '.join(flags)}")
+    changed = any(ours[k] != v for k, v in recipe.items() if k != "time_limit")
+    return (f"on a CPU: a recipe for --time_limit {minutes:g} min{' under your flags' if changed else ''} "
+            f"({ours['arch']}/{ours['patch_size']}, {ours['local_crops_number']} local views, batch "
+            f"{ours['batch_size']}, {ours['precision']}), its schedules laid over the steps that fit; "
+            f"the GPU recipe would take days here. The full recipe: {' '.join(flags)}")
 
 
 # -- 9. Feeding batches of views to the loop. Deterministic given (seed, epoch, step).
@@ -757,12 +760,12 @@ class Trainer:
         self.log = log if self.rank == 0 else silent
         self.clock.start(self.cfg.time_limit)
         self.steps_done = 0
-        if self.cfg.time_limit and not self.cfg.steps and (self.start_epoch, self.start_step) == (0, 0):
-            plan_to_time_limit(self)
-        if self.rank == 0:
-            self.records.open(self.start_epoch * self.steps_per_epoch + self.start_step)
         try:
-            with self.signals:
+            with self.signals:  # from the start: the speed measurement takes seconds too
+                if self.cfg.time_limit and not self.cfg.steps and (self.start_epoch, self.start_step) == (0, 0):
+                    plan_to_time_limit(self)
+                if self.rank == 0:
+                    self.records.open(self.start_epoch * self.steps_per_epoch + self.start_step)
                 for epoch in range(self.start_epoch, stop_after or self.epochs_to_run):
                     first = self.start_step if epoch == self.start_epoch else 0
                     seconds = self.run_epoch(epoch, first, on_step)
@@ -846,21 +849,25 @@ class Trainer:
             bar.set_postfix(self.records.postfix(loss, stats))
 
     def end_epoch(self, epoch, seconds) -> bool:
-        """Record the epoch (log.jsonl, the k-NN monitor when due), save; True at the run's end."""
-        self.check_finite()
+        """Save, then the k-NN monitor when due (and save again, so the checkpoint's history holds
+        it), then record the epoch (log.jsonl, its line) even if the k-NN fails; True at the end."""
         at = self.scheduled(min((epoch + 1) * self.steps_per_epoch, self.total_steps) - 1)
         record = self.records.epoch_record(epoch + 1, self.progress.means(), self.center.norm().item(),
                                            at, seconds, gather_lists(self.progress.unreadable))
         stopped_at, self.stopped_at = self.stopped_at, None  # a step, when the clock ran out
         last = epoch + 1 == self.epochs_to_run or stopped_at is not None
         knn_due = self.cfg.knn_every and (epoch + 1) % self.cfg.knn_every == 0
-        if self.eval_set is not None and (knn_due or last):
-            with self.clock.paused():  # evaluation does not count against --time_limit
-                record["knn_top1"] = self.knn()
+        position = (epoch, stopped_at) if stopped_at else (epoch + 1, 0)
         self.history.append(record)
-        self.save(*((epoch, stopped_at) if stopped_at else (epoch + 1, 0)))
-        self.records.epoch(record, (epoch + 1) * self.steps_per_epoch - 1, self.log,
-                           kept=f"{self.checkpoint_path} holds epoch {epoch + 1}")
+        self.save(*position)  # first: an evaluation that fails loses no training
+        try:
+            if self.eval_set is not None and (knn_due or last):
+                with self.clock.paused():  # evaluation does not count against --time_limit
+                    record["knn_top1"] = self.knn()  # the record in self.history
+                self.save(*position)
+        finally:
+            self.records.epoch(record, (epoch + 1) * self.steps_per_epoch - 1, self.log,
+                               kept=f"{self.checkpoint_path} holds epoch {epoch + 1}")
         return last
 
     def knn(self, k=20, temperature=0.07):
@@ -882,11 +889,7 @@ class Trainer:
     def check_finite(self):
         """Raise if a loss so far was not finite (a host-device sync: call it on a cadence)."""
         bad = -float(all_reduce_max(-self.first_bad))  # the earliest over the processes
-        kept = "no checkpoint was written yet"
-        if self.last_saved is not None:  # saved after a check like this one, or resumed from
-            epoch, step = self.last_saved  # epochs done, steps into the next
-            where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
-            kept = f"{self.checkpoint_path} holds the last good state ({where})"
+        kept = last_good_state(self.checkpoint_path, self.last_saved)
         if math.isfinite(bad):
             epoch, step = divmod(int(bad), self.steps_per_epoch)
             raise DinoError(f"the loss became NaN or infinite at epoch {epoch + 1}, step {step} "
@@ -968,6 +971,17 @@ class Trainer:
             log(f"started from {self.cfg.init_from}: {what}")
 
 
+def last_good_state(path, last_saved) -> str:
+    """Which checkpoint holds the last good state: last_saved is (epochs done, steps into the
+    next) of a save after a finiteness check, or of the checkpoint resumed from (which
+    check_resumable found finite); None: none was written yet."""
+    if last_saved is None:
+        return "no checkpoint was written yet"
+    epoch, step = last_saved
+    where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
+    return f"{path} holds the last good state ({where})"
+
+
 MODEL_FIELDS = ("arch", "patch_size", "out_dim", "hidden_dim", "bottleneck_dim",
                 "norm_last_layer", "use_bn_in_head", "global_crops_size", "supervised")  # a resume must keep these
 RUN_FIELDS = ("output_dir", "device", "num_workers", "save_every", "knn_every", "compile",
@@ -993,6 +1007,11 @@ def check_resumable(ck, cfg: Config, world: int, path) -> tuple[int, list]:
     --steps or 0, the settings that changed: 'lr 0.1 → 0.2')."""
     require(isinstance(ck, dict) and "teacher" in ck and "student" in ck,
             f"{path} is not a DINO checkpoint of this project; use another --output_dir")
+    bad = checkpoint.first_non_finite({k: ck.get(k, {}) for k in ("student", "teacher", "optimizer")}
+                                      | {"center": ck.get("center")})
+    require(bad is None, f"{path} holds NaN or infinite values ({bad} first), so it cannot be "
+                         f"resumed from: the run diverged before it was written; delete it to "
+                         f"start afresh, or train into another --output_dir")
     saved, ours = ck.get("config", {}), config_to_dict(cfg)
     changed = [f"{k}: {saved.get(k)} → {ours[k]}" for k in MODEL_FIELDS if k in saved and saved[k] != ours[k]]
     require(not changed, f"{path} was trained with other model settings ({'; '.join(changed)}); "
@@ -1070,6 +1089,8 @@ def plan_to_time_limit(trainer: Trainer):
     fit, epochs = int(0.92 * left / per_step), trainer.cfg.epochs * trainer.steps_per_epoch
     require(fit >= 1, f"--time_limit {trainer.cfg.time_limit} min is shorter than one step here "
                       f"({per_step:.1f} s); raise it")
+    if trainer.should_stop(0) == "signal":  # Ctrl-C or SIGTERM while timing: nothing to save yet
+        raise KeyboardInterrupt
     trainer.plan(fit if fit < epochs else 0)  # 0: the epochs set T, and a resume may raise them
     trainer.log(f"--time_limit {trainer.cfg.time_limit:g} min: {per_step:.3f} s/step measured, so "
                 + (f"{fit} steps ({fit / trainer.steps_per_epoch:.1f} epochs of the data), the "
@@ -1097,6 +1118,8 @@ def measure_step_seconds(trainer: Trainer, warmup=3, seconds=8.0, most=60) -> fl
         nonlocal center
         t0 = time.time()
         for v, _ in itertools.islice(views, n):
+            if trainer.signals.requested and trainer.world == 1:  # Ctrl-C, SIGTERM: stop timing
+                raise KeyboardInterrupt  # (under torchrun the processes agree after it, in fit)
             loss, _, center = train_step(student_fn, teacher_fn, center, v, optimizer, cfg, at)
             loss.item()  # wait for the device
         return time.time() - t0
@@ -1224,7 +1247,102 @@ class SupervisedTrainer(Trainer):
         self.supervised.classifier.load_state_dict(ck["classifier"])
 
 
-# -- 11c. The run's records: what the loop hands over, written and shown.
+# -- 11c. The run's records: what the loop hands over, written and shown; the folder's lock.
+
+class RunLock:
+    """One run per output folder: OUTPUT_DIR/.lock, locked with flock (which the kernel drops when
+    its process ends, however it ends) and holding the holder's "pid host" for the error a second
+    run gives. A lock file left by a run that died without removing it (SIGKILL, a power cut) is
+    taken over with a warning. Where the file system has no flock, a holder on this host whose
+    pid no longer runs counts as gone. Removed on leaving: normal end, error, Ctrl-C."""
+
+    def __init__(self, folder, say=print):
+        self.path, self.say, self.file = Path(folder) / ".lock", say, None
+
+    def __enter__(self):
+        while True:
+            f = open_lock_file(self.path)
+            locked = try_flock(f)  # True, False (held by another), None (no flock here)
+            f.seek(0)
+            holder = f.read(200).split()
+            if locked is False or (locked is None and holder_alive(holder)):
+                f.close()
+                who = f"pid {holder[0]} on {holder[1]}" if len(holder) == 2 else "another process"
+                raise DinoError(f"--output_dir {self.path.parent} is in use by another run ({who} "
+                                f"holds {self.path}); wait for it to end or give another "
+                                f"--output_dir (if no such run is alive, delete {self.path})")
+            with contextlib.suppress(FileNotFoundError):  # else removed as we opened it: again
+                if os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino:
+                    break
+            f.close()
+        if holder:
+            self.say(f"warning: took over {self.path} from {' on '.join(holder[:2])}, a run that "
+                     f"ended without removing it (killed?)")
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()} {hostname()}\n")
+        f.flush()
+        self.file = f
+        return self
+
+    def __exit__(self, *exc):
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == os.fstat(self.file.fileno()).st_ino:
+                self.path.unlink()
+        self.file.close()  # drops the flock
+
+
+def open_lock_file(path: Path):
+    """OUTPUT_DIR/.lock opened to read and write, created if missing; never through a symlink,
+    and never anything but a regular file (a one-line error names what is in the way)."""
+    import stat  # here: only the lock needs it
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        raise DinoError(f"--output_dir {path.parent}: its lock file {path} cannot be opened "
+                        f"({e.strerror or e}); if it is a symlink or folder, remove it") from None
+    f = os.fdopen(fd, "r+")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise DinoError(f"--output_dir {path.parent}: its lock file {path} is not a regular file; remove it")
+    return f
+
+
+def hostname() -> str:
+    import socket  # here: only the lock needs it
+    return socket.gethostname()
+
+
+def try_flock(f):
+    """Lock an open file for this process alone: True, False where another holds it, None where
+    the file system (or platform) has no flock."""
+    try:
+        import fcntl
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except (BlockingIOError, PermissionError):
+        return False
+    except (ImportError, OSError):
+        return None
+
+
+def holder_alive(holder: list) -> bool:
+    """Whether the "pid host" of a lock file may still run: surely not when it names this host
+    and a pid that is gone; another host's cannot be checked from here."""
+    if len(holder) != 2 or not holder[0].isdigit():
+        return False
+    if holder[1] != hostname():
+        return True
+    try:
+        os.kill(int(holder[0]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return int(holder[0]) != os.getpid()
+
+
+# -- the run's records: what the loop hands over, written and shown.
 
 class RunLog:
     """The run's folder and terminal, written by the first process only: config.json (the
@@ -1243,8 +1361,8 @@ class RunLog:
         (self.output_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2) + "\n")
         steps = self.output_dir / "steps.jsonl"
         if steps.exists():  # records past the checkpoint (or cut short by a kill) come again
-            kept = [line for line in steps.read_text().splitlines() if line.endswith("}")
-                    and json.loads(line)["iteration"] < start_iteration]
+            kept = [line for line in steps.read_text(errors="replace").splitlines()
+                    if -1 < record_iteration(line) < start_iteration]
             steps.write_text("".join(line + "\n" for line in kept))
         if self.cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # optional package: loaded only when asked
@@ -1306,6 +1424,17 @@ class RunLog:
         """The progress bar's loss and h(P_t) (left out where NaN: the supervised baseline)."""
         h_t = stats["teacher_entropy"].item()
         return dict(loss=f"{loss.item():.3f}", **({} if math.isnan(h_t) else {"h_t": f"{h_t:.2f}"}))
+
+
+def record_iteration(line: str) -> int:
+    """The iteration of a line of steps.jsonl; -1 for a line that is no record (the last one,
+    cut short when a run was killed while writing it, or garbage a crash left)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return -1
+    iteration = record.get("iteration") if isinstance(record, dict) else None
+    return iteration if isinstance(iteration, int) else -1
 
 
 def record_every(total_steps: int, log_every: int = 0) -> int:
@@ -1448,10 +1577,38 @@ def main(argv=None):
     explicit_device.add_argument("--device", default=Config.device)
     rank, world = init_distributed(explicit_device.parse_known_args(argv)[0].device)
     try:
-        return run(parse_config(argv), print if rank == 0 else silent)
+        cfg, say = parse_config(argv), print if rank == 0 else silent
+        data.writable_folder(cfg.output_dir, "--output_dir")  # before any work, not after an epoch
+        checkpoint.check_writable(Path(cfg.output_dir) / "checkpoint.pth")
+        with RunLock(cfg.output_dir, say) if rank == 0 else contextlib.nullcontext():  # one run a folder
+            return run(cfg, say)
     finally:
         if world > 1:
             dist.destroy_process_group()
+
+
+def start_notes(cfg: Config, train_set: ImageSet, eval_set: ImageSet | None, say):
+    """The lines after the first: the data's labels, unreadable files, settings that defeat
+    themselves, and a k-NN monitor that cannot mean anything (one class)."""
+    labelled = data.has_labels(train_set)
+    if not labelled:
+        say(f"no labels: {cfg.data} has no train/<class>/ folders, so DINO trains on every image "
+            f"under it (it needs no labels); " + (
+                "no k-NN monitor (it needs a labelled val/ or test/ beside the images)"
+                if eval_set is None else f"the k-NN monitor votes among the {len(eval_set)} "
+                f"labelled evaluation images, each leaving itself out"))
+    voters = train_set if labelled else eval_set
+    if eval_set is not None and voters is not None and len(voters.labels.unique()) < 2:
+        say(one_class_warning(voters.classes))
+    if train_set.unreadable:
+        say(f"warning: {len(train_set.unreadable)} unreadable image(s) left out (named in "
+            f"log.jsonl): {', '.join(train_set.unreadable[:5])}"
+            + (" ..." if len(train_set.unreadable) > 5 else ""))
+    for flag, what in (("warmup_epochs", "the learning rate never reaches its peak"),
+                       ("freeze_last_layer", "the head's last layer never trains")):
+        if getattr(cfg, flag) >= cfg.epochs:
+            say(f"warning: --{flag} {getattr(cfg, flag)} covers the whole run of {cfg.epochs} "
+                f"epoch(s): {what}; lower it or raise --epochs")
 
 
 def run(cfg: Config, say) -> int:
@@ -1475,22 +1632,8 @@ def run(cfg: Config, say) -> int:
         + f" | output {cfg.output_dir}")
     _, image_size = data.peek(cfg.data)
     if trainer.device.type == "cpu" and cfg.time_limit and "time_limit" in preset_for(image_size, name):
-        say(cpu_recipe_note(image_size, name, cfg.time_limit))
-    if not labelled:
-        say(f"no labels: {cfg.data} has no train/<class>/ folders, so DINO trains on every image "
-            f"under it (it needs no labels); " + (
-                "no k-NN monitor (it needs a labelled val/ or test/ beside the images)"
-                if eval_set is None else f"the k-NN monitor votes among the {len(eval_set)} "
-                f"labelled evaluation images, each leaving itself out"))
-    if train_set.unreadable:
-        say(f"warning: {len(train_set.unreadable)} unreadable image(s) left out (named in "
-            f"log.jsonl): {', '.join(train_set.unreadable[:5])}"
-            + (" ..." if len(train_set.unreadable) > 5 else ""))
-    for flag, what in (("warmup_epochs", "the learning rate never reaches its peak"),
-                       ("freeze_last_layer", "the head's last layer never trains")):
-        if getattr(cfg, flag) >= cfg.epochs:
-            say(f"warning: --{flag} {getattr(cfg, flag)} covers the whole run of {cfg.epochs} "
-                f"epoch(s): {what}; lower it or raise --epochs")
+        say(cpu_recipe_note(image_size, name, cfg.time_limit, cfg))
+    start_notes(cfg, train_set, eval_set, say)
     if not trainer.resume(log=say) and cfg.init_from:
         trainer.warm_start(log=say)
     if trainer.start_epoch * trainer.steps_per_epoch + trainer.start_step >= trainer.total_steps:
@@ -1499,9 +1642,11 @@ def run(cfg: Config, say) -> int:
         try:
             trainer.fit(log=say)
         except KeyboardInterrupt:
-            if not trainer.saved_on_stop:  # a second Ctrl-C: the last periodic checkpoint stands
+            if not trainer.saved_on_stop:  # a second Ctrl-C, or one before the first step
                 say(f"\nstopped; the last checkpoint is {trainer.checkpoint_path}: run the same "
-                    f"command to resume")
+                    f"command to resume" if trainer.last_saved is not None else
+                    "\nstopped before any checkpoint was written: the same command starts the "
+                    "run afresh")
             return 130
     if eval_set is not None:
         last = trainer.history[-1] if trainer.history else {}

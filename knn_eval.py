@@ -58,7 +58,18 @@ def extract_features(backbone, batches, device):
         f = backbone(x.to(device, non_blocking=True)).float()
         feats.append(F.normalize(f, dim=1).cpu())
         labels.append(torch.as_tensor(y))
-    return torch.cat(feats), torch.cat(labels)
+    return require_finite(torch.cat(feats)), torch.cat(labels)
+
+
+def require_finite(features, what="the backbone's features"):
+    """Features holding NaN or ±inf would rank as neighbours and vote at random (a NaN compares
+    false, so a NaN score even counts as a hit): a one-line error instead."""
+    bad = (~torch.isfinite(features)).any(dim=1).nonzero()
+    require(len(bad) == 0, f"{what} hold NaN or infinite values ({len(bad)} of {len(features)} "
+                           f"rows, the first row {bad[0].item() if len(bad) else ''}): the weights "
+                           f"overflow on these images; evaluate a checkpoint from before the run "
+                           f"diverged, or one trained with --precision fp32")
+    return features
 
 
 @torch.no_grad()
@@ -81,7 +92,7 @@ def extract_probe_features(backbone, batches, device, n_last_blocks=4, avgpool=F
         knn.append(F.normalize(layers[-1][:, 0].float(), dim=1).cpu())
         probe.append(torch.cat(tokens, dim=1).float().cpu())  # (B, (n + avgpool) · D)
         labels.append(torch.as_tensor(y))
-    return torch.cat(knn), torch.cat(probe), torch.cat(labels)
+    return require_finite(torch.cat(knn)), require_finite(torch.cat(probe)), torch.cat(labels)
 
 
 @torch.no_grad()
@@ -144,22 +155,31 @@ def nearest_neighbours(train_features, test_features, k, chunk_size=1024, leave_
 
 
 def weighted_vote(s_top, y_top, temperature, num_classes):
-    """Class scores (n, C) from the similarities s_top (n, k) and labels y_top (n, k) of the neighbours."""
-    # $$\mathrm{score}(c) = \sum_{i \in \text{top-}k,\ y_i = c} \exp(s_i / T)$$, T the temperature
-    votes = torch.zeros(len(s_top), num_classes, dtype=s_top.dtype, device=s_top.device)
-    return votes.scatter_add_(1, y_top, torch.exp(s_top / temperature))
+    """Class scores (n, C) from the similarities s_top (n, k) and labels y_top (n, k) of the
+    neighbours, relative to the nearest neighbour's weight: each row divided by exp(s_max / T).
+    The ranking of the classes is the formula's, and no weight overflows: exp(s / T) exceeds
+    float32 at s / T > 88 (T = 0.01 and s > 0.89), and float64 at s / T > 709. Computed in
+    float64, so small weights far below the nearest one's are kept too."""
+    # $$\mathrm{score}(c) = \sum_{i \in \text{top-}k,\ y_i = c} \exp\big((s_i - s_{\max}) / T\big)$$
+    s = s_top.double()
+    s_max = s.amax(dim=1, keepdim=True).clamp_min(-1.0)  # -inf (left-out neighbours only): weights 0
+    votes = torch.zeros(len(s_top), num_classes, dtype=torch.float64, device=s_top.device)
+    return votes.scatter_add_(1, y_top, torch.exp((s - s_max) / temperature))
 
 
 @torch.no_grad()
 def knn_scores(train_features, train_labels, test_features, k=20, temperature=0.07, num_classes=None,
                chunk_size=1024):
-    """Class scores (N_test, C) of the weighted k-NN vote; features must be L2-normalised.
+    """Class scores (N_test, C) of the weighted k-NN vote, score(c) = Σ exp(s_i / T) over the
+    neighbours of class c, in float64; features must be L2-normalised. For a ranking at a small T
+    (where these overflow) knn_sweep ranks weighted_vote's relative scores.
 
     Works for any number of classes and test images; memory is bounded by chunk_size x N_train.
     """
     num_classes = num_classes or int(train_labels.max()) + 1
     train_labels = train_labels.to(train_features.device)
     scores = [weighted_vote(s, train_labels[idx], temperature, num_classes)
+              * torch.exp(s.double().amax(dim=1, keepdim=True) / temperature)
               for s, idx in nearest_neighbours(train_features, test_features, k, chunk_size)]
     return torch.cat(scores)
 
@@ -572,6 +592,9 @@ def read_features(path, need_probe):
     require(not need_probe or "train_probe" in features,
             f"{path} was saved without --linear, so it holds no probe features; extract them "
             f"again with --linear --save_features")
+    for key in ("train_features", "test_features", "train_probe", "test_probe"):
+        if key in features:
+            require_finite(features[key], f"the {key} of {path}")
     return features
 
 
@@ -585,6 +608,8 @@ def report_knn(args, features: dict, device, log) -> tuple[dict, list]:
     if max(args.k) > len(train_y):
         log(f"k = {len(train_y)} (the training split has {len(train_y)} images, fewer than --k "
             f"{max(args.k)})")
+    if len(torch.as_tensor(train_y).unique()) < 2:
+        log(one_class_warning(features["classes"]))
     results = knn_sweep(train_f, train_y, test_f, test_y, ks, args.temperature, num_classes,
                         args.chunk_size)
     log(f"weighted k-NN on {train_f.shape[1]}-d features, T = {args.temperature}, cosine similarity: "
@@ -593,6 +618,14 @@ def report_knn(args, features: dict, device, log) -> tuple[dict, list]:
     for k in ks:
         log(f"{k:>5}  {results[k][0]:>7.2f}  {results[k][1]:>7.2f}")
     return results, ks
+
+
+def one_class_warning(classes) -> str:
+    """For labels of one class: every vote names it, so a top-1 of 100 % says nothing."""
+    named = f" ({classes[0]})" if len(classes) == 1 else ""
+    return (f"warning: the training labels hold one class{named}, so every neighbour votes for it "
+            f"and the k-NN top-1 measures nothing about the features (100 % when the test images "
+            f"are of that class too); give labelled images of at least two classes")
 
 
 def report_probe(args, features: dict, device, log) -> float:

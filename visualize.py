@@ -216,20 +216,21 @@ def pca_figure(backbone: vit.VisionTransformer, images: list[torch.Tensor], size
 
 def read_log(run_dir, name: str = "log.jsonl", required: bool = True) -> list[dict]:
     """The records of a run's log.jsonl (one per epoch) or steps.jsonl (one every N steps); a
-    file that is not required may be missing (runs from before step records)."""
+    file that is not required may be missing (runs from before step records). A last line that
+    is not JSON (cut short by a kill) is left out; any other is an error."""
     path = Path(run_dir) / name
     if not path.is_file():
         require(not required, f"{path} does not exist; --run takes the --output_dir of a dino.py run")
         return []
     records = []
-    lines = path.read_text().splitlines()
+    lines = path.read_text(errors="replace").splitlines()
     for i, line in enumerate(lines, 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
-                if i == len(lines) and not required:
-                    break  # the record a running step is writing
+                if i == len(lines):
+                    break  # the record a running run is writing, or was when it was killed
                 raise DinoError(f"{path}, line {i}, is not JSON") from None
     if not records and required:
         raise DinoError(f"{path} is empty: no epoch has finished yet")

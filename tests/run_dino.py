@@ -5,6 +5,8 @@
   DINO_TEST_SIGINT_AT=it      send this process SIGINT (as Ctrl-C does) just before iteration `it`
   DINO_TEST_KILL_IN_SAVE=n    the n-th checkpoint save writes half its file, then SIGKILLs the process
   DINO_TEST_NAN_AT=it         the loss is NaN from iteration `it` on
+  DINO_TEST_SIGNAL_IN_STEP=SIG:n  send this process signal SIG (INT, TERM) as train_step is called
+                              the n-th time, counting the steps --time_limit times at the start
 
 The kills are real SIGKILLs; the hooks only choose the moment, so the tests are deterministic.
 """
@@ -28,6 +30,7 @@ original_init = dino.Trainer.__init__
 original_step = dino.Trainer.step
 original_save = checkpoint.save_checkpoint
 original_loss = dino.dino_loss
+original_train_step = dino.train_step
 
 
 def init(self, *args, **kwargs):
@@ -69,7 +72,19 @@ def dino_loss(*args, **kwargs):
     return loss, stats
 
 
+train_steps = [0]
+
+
+def train_step(*args, **kwargs):
+    train_steps[0] += 1
+    name, _, n = os.environ.get("DINO_TEST_SIGNAL_IN_STEP", ":").partition(":")
+    if n and train_steps[0] == int(n):
+        os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
+    return original_train_step(*args, **kwargs)
+
+
 dino.Trainer.__init__ = init
+dino.train_step = train_step
 dino.Trainer.step = step
 checkpoint.save_checkpoint = save_checkpoint
 dino.dino_loss = dino_loss
