@@ -8,12 +8,14 @@ dino.py, knn_eval.py and visualize.py all import this module, and it imports non
 The pixel operations of the augmentations live in augment.py, checkpoint files in checkpoint.py.
 """
 
+import contextlib
 import dataclasses
 import math
 import os
 import pickle
 import resource
 import signal
+import stat
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import v2 as transforms
 from torchvision.transforms.v2.functional import pil_to_tensor
 
@@ -110,6 +112,29 @@ def writable_file(path, flag: str) -> Path:
         raise DinoError(f"{flag} {path} cannot be written: its folder {path.parent} cannot be "
                         f"created or written; choose another place") from None
     return path
+
+
+def regular_file(path, what: str = "file", max_bytes: int | None = None) -> int:
+    """The size of `path` once os.stat (through links) shows a regular file; a one-line error
+    otherwise. Every reader of data, image and weight files asks it first: a named pipe, a socket
+    or a device named like a data file blocks open() or read() forever, and a file over
+    max_bytes takes minutes to scan. A missing file raises FileNotFoundError (OSError for a
+    broken link), so each caller can say what is missing in its own words."""
+    info = os.stat(path)
+    require(stat.S_ISREG(info.st_mode), f"{what} {path} is not a regular file (a named pipe, "
+                                        f"socket or device: reading it could block forever); "
+                                        f"give a regular file")
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise DinoError(f"{what} {path} is {info.st_size / 2 ** 20:.0f} MiB, over the "
+                        f"{max_bytes // 2 ** 20} MiB that a{'n' if what[0] in 'aeiou' else ''} "
+                        f"{what} may have here, so it is not opened; shrink or remove it")
+    return info.st_size
+
+
+def visible(path) -> bool:
+    """Whether a file or folder takes part in a data set: hidden ones (.git, .ipynb_checkpoints,
+    macOS's ._name files) never do, in labelled and unlabelled folders alike."""
+    return not Path(path).name.startswith(".")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -335,14 +360,20 @@ class ArrayUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"it names {module}.{name}, which a data file never needs")
 
 
+PICKLE_MAX_BYTES = 2 ** 30  # a CIFAR-10 batch is 30 MiB; a pickle is read whole into memory
+
+
 def read_pickle(path: Path) -> dict:
     """One CIFAR-10 file through ArrayUnpickler; any failure is a one-line error naming the file."""
     try:
+        regular_file(path, "CIFAR-10 file", PICKLE_MAX_BYTES)  # a named pipe would block open()
         with open(path, "rb") as f:
             obj = ArrayUnpickler(f, encoding="latin1").load()
     except FileNotFoundError:
         raise DinoError(f"{path} is missing; the CIFAR-10 folder is incomplete: extract "
                         f"cifar-10-python.tar.gz into {path.parent.parent} again") from None
+    except DinoError:
+        raise
     except Exception as e:  # refused classes, truncated files, garbage: all one message
         raise DinoError(f"{path} is not a readable CIFAR-10 file ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else 'no message'}); replace it "
@@ -392,26 +423,32 @@ def unreadable_error(path) -> DinoError:
                      f"without --strict_data to skip unreadable files")
 
 
+def image_file_ok(path) -> bool:
+    """Whether a file found in a folder can be an image: a regular file (not a named pipe, which
+    blocks, nor a link to nothing), not empty (an interrupted copy) and at most IMAGE_MAX_BYTES.
+    Files that fail are skipped and named, as images that fail to decode are."""
+    try:
+        return regular_file(path, "image", IMAGE_MAX_BYTES) > 0
+    except (DinoError, OSError):
+        return False
+
+
 def scan_folder(split_dir: Path, classes: list | None = None, strict: bool = False) -> ImageSet:
-    class_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir())
+    class_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir() and visible(d))
     if not class_dirs:
         raise DinoError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>")
     classes = classes or [d.name for d in class_dirs]
     files, labels, unreadable = [], [], []
     for d in class_dirs:
         require(d.name in classes, f"class folder {d} is not among the training classes")
-        entries = sorted(d.iterdir())
+        entries = sorted(f for f in d.iterdir() if visible(f))
         images = [f for f in entries if f.suffix.lower() in IMAGE_EXTENSIONS]
         below = [f for f in entries if f.is_dir()]
         require(images, f"class folder {d} holds no images" + (
             f" directly (they may be in its subfolders, such as {below[0].name}/: move them up "
             f"into {d}/)" if below else "; remove the folder or add its images"))
         for f in images:
-            try:  # an empty file is an interrupted copy; a dangling or looping link cannot be read
-                readable = f.stat().st_size > 0
-            except OSError:
-                readable = False
-            if not readable:  # skipped, and named in the log
+            if not image_file_ok(f):  # skipped, and named in the log
                 if strict:
                     raise unreadable_error(f)
                 unreadable.append(str(f))
@@ -435,28 +472,26 @@ def has_labels(data: ImageSet) -> bool:
 
 def has_class_folders(split_dir: Path) -> bool:
     """Whether split_dir is a labelled split: a folder with subfolders (one per class)."""
-    return split_dir.is_dir() and any(d.is_dir() for d in split_dir.iterdir())
+    return split_dir.is_dir() and any(d.is_dir() and visible(d) for d in split_dir.iterdir())
 
 
 def scan_images(root: Path, exclude: tuple = (), strict: bool = False) -> ImageSet:
     """Every image file under root, at any depth, in sorted path order, as one data set without
-    labels (one class, NO_LABELS). Folders in `exclude` (a labelled val/ beside) and hidden folders
-    (.git, .thumbnails) are left out; empty files and broken links are skipped and named, as
-    scan_folder does; images that fail to decode are found later, where they are read."""
+    labels (one class, NO_LABELS). Folders in `exclude` (a labelled val/ beside) and hidden files
+    and folders (.git, .thumbnails: `visible`) are left out; empty files, broken links, named
+    pipes and files over IMAGE_MAX_BYTES are skipped and named, as scan_folder does; images that
+    fail to decode are found later, where they are read."""
     files, unreadable = [], []
     for folder, subfolders, names in os.walk(root):
-        subfolders[:] = [d for d in subfolders if not d.startswith(".") and Path(folder, d) not in exclude]
+        subfolders[:] = [d for d in subfolders if visible(d) and Path(folder, d) not in exclude]
         for name in names:
             path = Path(folder, name)
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            if path.suffix.lower() not in IMAGE_EXTENSIONS or not visible(path):
                 continue
-            try:
-                empty = path.stat().st_size == 0  # an interrupted copy or download
-            except OSError:  # a link to nothing
-                empty = True
-            if empty and strict:
+            ok = image_file_ok(path)
+            if not ok and strict:
                 raise unreadable_error(path)
-            (unreadable if empty else files).append(path)
+            (files if ok else unreadable).append(path)
     if not files:
         raise DinoError(f"no images found under {root}: it has no train/ folder of classes and no "
                         f"image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in it or its subfolders")
@@ -551,7 +586,7 @@ def with_masks(split: ImageSet, root: Path) -> ImageSet:
 def read_mask(path) -> torch.Tensor:
     """A mask file as (H, W) bool: nonzero (in any channel) = foreground."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             m = torch.as_tensor(np.array(im))
     except UNREADABLE:
         raise DinoError(f"mask {path} could not be read as an image; replace it") from None
@@ -596,9 +631,9 @@ def probe_image_size(data: ImageSet) -> int:
     sides = []
     for f in data.files[:20]:
         try:
-            with Image.open(f) as im:
+            with open_image(f) as im:
                 sides.append(min(im.size))
-        except UNREADABLE:
+        except (DinoError, *UNREADABLE):
             continue
     if sides:
         return sorted(sides)[len(sides) // 2]
@@ -642,14 +677,62 @@ class FolderMultiCrop(torch.utils.data.Dataset):
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
+# An image file may have at most this many bytes: a 50-megapixel photo is 10-30 MB as a JPEG,
+# a 16-bit 40-megapixel TIFF 240 MB; a bigger file is refused (a single --image) or skipped and
+# named (in a folder) without being opened, since PIL would scan or decode it for minutes.
+IMAGE_MAX_BYTES = 256 * 2 ** 20
+# PIL's header parsers skip junk one byte a read: a JPEG header followed by gigabytes of zeros
+# kept Image.open busy for hours. A real header (markers, chunks, tags) takes a few hundred reads.
+HEADER_READS = 20_000
+
+
+class _ReadBudget:
+    """A file object that answers end-of-file after `left` reads, while Image.open reads the header."""
+
+    def __init__(self, f, left: int):
+        self.f, self.left = f, left
+
+    def read(self, n=-1):
+        if self.left is not None:
+            if self.left <= 0:
+                return b""
+            self.left -= 1
+        return self.f.read(n)
+
+    def __getattr__(self, name):  # seek, tell, fileno, ...: the file's own
+        return getattr(self.f, name)
+
+
+@contextlib.contextmanager
+def open_image(path):
+    """Image.open for any file a user names, in bounded time: a regular file of at most
+    IMAGE_MAX_BYTES (a DinoError that says which it is not), whose header PIL reads within
+    HEADER_READS reads (else an UNREADABLE error). The one place image files are opened."""
+    regular_file(path, "image", IMAGE_MAX_BYTES)
+    with open(path, "rb") as f:
+        budget = _ReadBudget(f, HEADER_READS)
+        with Image.open(budget) as im:
+            budget.left = None  # the header is read; decoding reads in large blocks
+            yield im
+
+
+def displayed_size(im) -> tuple[int, int]:
+    """(width, height) of an opened image as read_rgb returns it: EXIF orientations 5-8 (a
+    camera held sideways) swap the sides."""
+    w, h = im.size
+    return (h, w) if im.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)
+
+
 def read_rgb(path):
-    """An image as 8-bit RGB (grayscale, palette, RGBA and 16-bit converted), or None if unreadable."""
+    """An image as 8-bit RGB (grayscale, palette, RGBA and 16-bit converted), turned upright as
+    its EXIF orientation says (as image viewers show it), or None if unreadable."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
+            im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 im = im.point(lambda v: v / 256).convert("L")
             return im.convert("RGB")
-    except UNREADABLE:
+    except (DinoError, *UNREADABLE):
         return None
 
 

@@ -48,8 +48,10 @@ def read_image(path) -> torch.Tensor:
     """An image file as (3, H, W) uint8."""
     from torchvision.transforms.v2.functional import pil_to_tensor
     path = Path(path)
-    if not path.is_file():
-        raise DinoError(f"image {path} does not exist or is not a file")
+    try:
+        data.regular_file(path, "image", data.IMAGE_MAX_BYTES)  # refused, not skipped: named once
+    except OSError:
+        raise DinoError(f"image {path} does not exist or is not a file") from None
     image = data.read_rgb(path)
     if image is None:
         raise DinoError(f"image {path} could not be read (not an image, or damaged)")
@@ -218,7 +220,9 @@ def read_log(run_dir, name: str = "log.jsonl", required: bool = True) -> list[di
     """The records of a run's log.jsonl (one per epoch) or steps.jsonl (one every N steps); a
     file that is not required may be missing (runs from before step records)."""
     path = Path(run_dir) / name
-    if not path.is_file():
+    try:
+        data.regular_file(path, "log")  # a named pipe would block read_text() forever
+    except OSError:
         require(not required, f"{path} does not exist; --run takes the --output_dir of a dino.py run")
         return []
     records = []
