@@ -60,6 +60,10 @@ def derive_seed(seed: int, stream: str, *indices: int) -> int:
     return value % 2 ** 63
 
 
+MAX_EPOCHS = 10 ** 6
+MAX_STEPS = 10 ** 7
+MAX_SIDE = 4096
+
 # The ranges a number given on a command line may take; one table for the three command lines.
 RULES = {
     ">0": (lambda v: v > 0, "must be positive"),
@@ -71,12 +75,54 @@ RULES = {
     "[0,1)": (lambda v: 0 <= v < 1, "must be at least 0 and below 1"),
     "scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "must satisfy 0 < MIN <= MAX <= 1"),
     "file": (lambda v: not v or Path(v).is_file(), "must name an existing file"),
+    # Upper bounds, where a value sizes memory or time; each a few times the largest sane value:
+    # K: the head's last layer holds K x bottleneck_dim weights in each network and in AdamW's
+    # two moments, and the loss K floats a view (100000000 asked for 25.6 GB); the paper: 65536
+    "[2,2^18]": (lambda v: 2 <= v <= 2 ** 18, "must be at least 2 and at most 262144 (4x the paper's 65536)"),
+    # head widths: a hidden layer holds width^2 weights (8192: 256 MiB); the paper: 2048 and 256
+    "[1,8192]": (lambda v: 1 <= v <= 8192, "must be at least 1 and at most 8192"),
+    # epochs: per-epoch arrays (tau_t) are 8 bytes an epoch; the paper's longest run has 800
+    "epochs": (lambda v: 1 <= v <= MAX_EPOCHS, f"must be at least 1 and at most {MAX_EPOCHS}"),
+    "epochs>=0": (lambda v: 0 <= v <= MAX_EPOCHS, f"must be at least 0 and at most {MAX_EPOCHS}"),
+    # iterations: every schedule holds one float64 per iteration (5 of them: 400 MB at the cap,
+    # 10x the paper's longest run, 800 epochs of ImageNet at batch 1024)
+    "steps": (lambda v: 0 <= v <= MAX_STEPS, f"must be at least 0 and at most {MAX_STEPS}"),
+    # minutes: 10^6 is two years; larger ones (1e308) overflowed the clock's arithmetic
+    "minutes": (lambda v: 0 <= v <= 10 ** 6, "must be at least 0 and at most 1000000 minutes"),
+    # seeds: torch.manual_seed takes 64 bits, derive_seed folds seeds into 63
+    "seed": (lambda v: 0 <= v < 2 ** 63, "must be at least 0 and at most 2^63 - 1"),
+    # image sides in px: a 4096 px RGB view is 200 MB in float32 (the paper: 224 and 96)
+    "side": (lambda v: 1 <= v <= MAX_SIDE, f"must be at least 1 and at most {MAX_SIDE} px"),
+    "side>=0": (lambda v: 0 <= v <= MAX_SIDE, f"must be at least 0 and at most {MAX_SIDE} px"),
+    # a patch embedding holds 3 p^2 x width weights (the paper: 8 and 16)
+    "patch": (lambda v: 1 <= v <= 64, "must be at least 1 and at most 64 px"),
+    # views and processes: each local view is a forward pass per image (the paper: 6 to 10);
+    # each data-loading worker is a process with its own copy of the data set's list
+    "[0,64]": (lambda v: 0 <= v <= 64, "must be at least 0 and at most 64"),
+    # figure panels: one per sample (visualize.py pca drew 1000 for more than 5 minutes)
+    "panels": (lambda v: 1 <= v <= 64, "must be at least 1 and at most 64"),
 }
+# The longest token sequence a ViT is given here: explicit attention holds heads x N^2 floats a
+# block (N = 4097: 64 MiB a head), a 64 x 64 grid of patches; the paper's largest is 28 x 28.
+MAX_PATCHES = 4096
+
+
+def check_patches(height: int, width: int, patch: int, what: str, fix: str):
+    """A one-line error when an image of height x width px cut in patch px patches is a longer
+    sequence than MAX_PATCHES (a 10000 x 3 px image became 213,000 tokens: 730 GB of attention)."""
+    n = (height // patch) * (width // patch)
+    require(n <= MAX_PATCHES, f"{what} {width}x{height} px is {width // patch}x{height // patch} "
+                              f"= {n} patches of {patch} px, more than the {MAX_PATCHES} (a 64x64 "
+                              f"grid) whose attention fits in memory; {fix}")
 
 
 def check_flag(name: str, value, valid):
-    """A one-line error unless --name's value obeys `valid`: a RULES key, or a tuple of choices."""
+    """A one-line error unless --name's value obeys `valid`: a RULES key, or a tuple of choices.
+    A float must be finite whatever the rule (inf and nan pass comparisons they should fail)."""
     shown = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+    numbers = value if isinstance(value, (tuple, list)) else [value]
+    require(not any(isinstance(v, float) and not math.isfinite(v) for v in numbers),
+            f"--{name} must be a finite number, got {shown}")
     if isinstance(valid, tuple):
         require(value in valid, f"--{name} {shown} is unknown; choose one of {', '.join(valid)}")
     elif valid is not None:

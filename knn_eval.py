@@ -401,8 +401,9 @@ def add_command_flags(parser):
                                                             "ViT's init with --random_init)")
 
 
-FLAG_RULES = dict(share="(0,1)", k=">=1", temperature=">0", batch_size=">=1", chunk_size=">=1", image_size=">=0",
-                  n_last_blocks=">=1", epochs=">=1", lr=">0", probe_batch_size=">=1")
+FLAG_RULES = dict(share="(0,1)", k=">=1", temperature=">0", batch_size=">=1", chunk_size=">=1", image_size="side>=0",
+                  n_last_blocks=">=1", epochs=">=1", lr=">0", probe_batch_size=">=1", seed="seed")
+RAW_PIXELS_MAX_SIDE = 256  # raw-pixel features are 3 x side^2 floats an image: 786 kB at 256 px
 
 
 def validate(args):
@@ -411,6 +412,10 @@ def validate(args):
         if getattr(args, name) is not None:  # None: a default that depends on the command
             data.check_flag(name, getattr(args, name), rule)
     data.resolve_device(args.device)
+    require(not args.raw_pixels or args.image_size <= RAW_PIXELS_MAX_SIDE,
+            f"--image_size {args.image_size} makes raw-pixel features of 3x{args.image_size}x"
+            f"{args.image_size} floats an image; with --raw_pixels it may be at most "
+            f"{RAW_PIXELS_MAX_SIDE} px")
     require(not (args.embed and args.export), "--embed and --export are two commands; give one")
     command = "--embed" if args.embed else "--export" if args.export else None
     if command:
@@ -439,9 +444,10 @@ def load_weights(args) -> vit.VisionTransformer:
         backbone = vit.untrained_like(backbone, args.seed)
     require(args.n_last_blocks <= len(backbone.blocks), f"--n_last_blocks {args.n_last_blocks} "
             f"exceeds the {len(backbone.blocks)} blocks of the ViT")
-    require((args.image_size or backbone.img_size) % backbone.patch_size == 0,
-            f"--image_size {args.image_size or backbone.img_size} is not a multiple of the patch "
-            f"size {backbone.patch_size}")
+    size = args.image_size or backbone.img_size
+    require(size % backbone.patch_size == 0,
+            f"--image_size {size} is not a multiple of the patch size {backbone.patch_size}")
+    data.check_patches(size, size, backbone.patch_size, f"--image_size {size}: a view of", "lower it")
     return backbone
 
 

@@ -74,13 +74,16 @@ def sample_set(n: int, size: int, name: str = "shapes") -> data.ImageSet:
 def fit_to_patches(image: torch.Tensor, patch: int, size: int | None = None) -> torch.Tensor:
     """Resize (3, H, W) uint8 so its shorter side is `size` (None: keep), then centre-crop both
     sides down to a multiple of the patch size; returns a (3, H', W') float image in [0, 1]."""
-    x = image.float() / 255
-    if size is not None and min(x.shape[-2:]) != size:
-        H, W = x.shape[-2:]
+    H, W = image.shape[-2:]
+    if size is not None and min(H, W) != size:
         scale = size / min(H, W)
-        x = F.interpolate(x[None], size=(max(1, round(H * scale)), max(1, round(W * scale))),
-                          mode="bicubic", antialias=True)[0].clamp(0, 1)
-    H, W = x.shape[-2:]
+        H, W = max(1, round(H * scale)), max(1, round(W * scale))
+    data.check_patches(H, W, patch, f"an image of {image.shape[-1]}x{image.shape[-2]} px, resized "
+                       f"to a shorter side of {min(H, W)} px:", "crop it nearer to a "
+                       "square, or lower --image_size")  # before resizing: the sequence sizes memory
+    x = image.float() / 255
+    if (H, W) != tuple(image.shape[-2:]):
+        x = F.interpolate(x[None], size=(H, W), mode="bicubic", antialias=True)[0].clamp(0, 1)
     h, w = H // patch * patch, W // patch * patch
     if h == 0 or w == 0:
         raise DinoError(f"an image of {H}x{W} px is smaller than one {patch} px patch")
@@ -564,7 +567,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    rules = dict(samples=">=1", share="(0,1)", image_size=">=0", num_heads=">=1", index=">=0")
+    rules = dict(samples="panels", share="(0,1)", image_size="side>=0", num_heads=">=1", index=">=0",
+                 seed="seed")
     for name, rule in rules.items():  # data.RULES, as dino.py's and knn_eval.py's flags use
         if getattr(args, name, None) is not None:
             data.check_flag(name, getattr(args, name), rule)

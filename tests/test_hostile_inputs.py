@@ -134,6 +134,72 @@ def test_a_named_pipe_among_the_images_is_skipped_not_opened(tmp_path):
         finishes(lambda: visualize.read_image(fifo), fifo)
 
 
+# -- 2. sizes that come from the input ------------------------------------------------------------
+
+def test_a_long_thin_image_is_refused_before_its_attention_is_built(tmp_path):
+    weights = tiny_vit_file(tmp_path / "vit.pth")
+    long = write_png(tmp_path / "long.png", size=(10000, 3))  # 106667 x 32 px at 32 px: 53332 patches
+    with pytest.raises(data.DinoError, match=r"13333x4 = 53332 patches of 8 px, more than the 4096"):
+        visualize.main(["attention", "--pretrained", str(weights), "--image", str(long),
+                        "--out", str(tmp_path / "out")])
+    assert visualize.fit_to_patches(torch.zeros(3, 48, 64, dtype=torch.uint8), 8, 32).shape == (3, 32, 40)
+
+
+# -- 3. flags: an upper bound where a value sizes memory or time, and no inf or nan ---------------
+
+FLAG_CASES = [  # (command line, argv, what the error says)
+    ("dino", ["--out_dim", "100000000"], "--out_dim must be at least 2 and at most 262144"),
+    ("dino", ["--hidden_dim", "1000000"], "--hidden_dim must be at least 1 and at most 8192"),
+    ("dino", ["--epochs", "1000000000"], "--epochs must be at least 1 and at most 1000000"),
+    ("dino", ["--epochs", "1000000000", "--steps", "3"], "--epochs must be at least 1 and at most 1000000"),
+    ("dino", ["--steps", "100000000"], "--steps must be at least 0 and at most 10000000"),
+    ("dino", ["--warmup_teacher_temp_epochs", "1000000000"], "--warmup_teacher_temp_epochs must be at least 0 and at most 1000000"),
+    ("dino", ["--time_limit", "1e308"], "--time_limit must be at least 0 and at most 1000000 minutes"),
+    ("dino", ["--time_limit", "inf"], "--time_limit must be a finite number, got inf"),
+    ("dino", ["--time_limit", "nan"], "--time_limit must be a finite number, got nan"),
+    ("dino", ["--lr", "nan"], "--lr must be a finite number"),
+    ("dino", ["--teacher_temp", "inf"], "--teacher_temp must be a finite number"),
+    ("dino", ["--global_crops_scale", "0.4", "nan"], "--global_crops_scale must be a finite number"),
+    ("dino", ["--seed", str(10 ** 20)], "--seed must be at least 0 and at most 2^63 - 1"),
+    ("dino", ["--global_crops_size", "100000"], "--global_crops_size must be at least 1 and at most 4096 px"),
+    ("dino", ["--patch_size", "1", "--global_crops_size", "224"], "50176 patches of 1 px, more than the 4096"),
+    ("dino", ["--local_crops_number", "100000"], "--local_crops_number must be at least 0 and at most 64"),
+    ("dino", ["--num_workers", "100000"], "--num_workers must be at least 0 and at most 64"),
+    ("knn_eval", ["--raw_pixels", "--image_size", "100000"], "--image_size must be at least 0 and at most 4096 px"),
+    ("knn_eval", ["--raw_pixels", "--image_size", "1024"], "with --raw_pixels it may be at most 256 px"),
+    ("knn_eval", ["--raw_pixels", "--temperature", "inf"], "--temperature must be a finite number"),
+    ("knn_eval", ["--raw_pixels", "--seed", str(10 ** 20)], "--seed must be at least 0 and at most 2^63 - 1"),
+    ("visualize", ["pca", "--samples", "1000"], "--samples must be at least 1 and at most 64"),
+    ("visualize", ["attention", "--image_size", "100000"], "--image_size must be at least 0 and at most 4096 px"),
+    ("visualize", ["attention", "--share", "nan"], "--share must be a finite number"),
+    ("visualize", ["views", "--seed", str(10 ** 20)], "--seed must be at least 0 and at most 2^63 - 1"),
+]
+
+
+@pytest.mark.parametrize("command,argv,message", FLAG_CASES, ids=[f"{c[0]} {' '.join(c[1])}" for c in FLAG_CASES])
+def test_flags_are_bounded_and_finite(command, argv, message):
+    call = {"dino": dino.parse_config, "knn_eval": lambda a: knn_eval.main(a, log=print),
+            "visualize": visualize.main}[command]
+    with pytest.raises(data.DinoError) as error:
+        call(argv)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_short_run_over_many_epochs_holds_no_array_of_epochs(monkeypatch):
+    made = []
+    for name in ("arange", "full", "linspace", "cat"):
+        def spy(*args, original=getattr(torch, name), **kwargs):
+            made.append(original(*args, **kwargs).numel())
+            return original(*args, **kwargs)
+        monkeypatch.setattr(torch, name, spy)
+    plan = dino.schedules(dino.Config(epochs=data.MAX_EPOCHS, warmup_teacher_temp_epochs=30, steps=3), 100)
+    monkeypatch.undo()
+    assert {len(v) for v in plan.values()} == {3} and max(made) <= 30  # 3 steps, 30 ramp epochs
+    assert plan["teacher_temp"].tolist() == [0.04, 0.07, 0.07]  # epochs 0, 333333, 666666
+    with pytest.raises(data.DinoError, match="a run of 100000000 steps, more than the 10000000"):
+        dino.schedules(dino.Config(epochs=data.MAX_EPOCHS), 100)
+
+
 # -- 6. EXIF orientation ---------------------------------------------------------------------------
 
 def test_an_exif_rotated_jpeg_is_decoded_upright(tmp_path):
