@@ -433,7 +433,9 @@ def load_cifar10(root: Path) -> tuple[ImageSet, ImageSet]:
     """Read CIFAR-10's python pickles directly (torchvision's class rejects copies by md5)."""
     base = root / "cifar-10-batches-py"
     classes = read_pickle(base / "batches.meta").get("label_names")
-    require(isinstance(classes, list), f"{base / 'batches.meta'} has no list of label_names")
+    require(isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes),
+            f"{base / 'batches.meta'} has no list of label_names (class names as text); replace "
+            f"it with a fresh copy")
 
     def read(names):
         images, labels = [], []
@@ -443,6 +445,7 @@ def load_cifar10(root: Path) -> tuple[ImageSet, ImageSet]:
             require(isinstance(data, np.ndarray) and data.ndim == 2 and data.shape[1] == 3072
                     and data.dtype == np.uint8 and isinstance(y, list) and len(y) == len(data),
                     f"{base / name} does not hold CIFAR-10's uint8 (N, 3072) data and N labels")
+            check_labels(y, len(classes), base / name, f"the {len(classes)} label_names of batches.meta")
             images.append(torch.as_tensor(data))
             labels += y
         # each row holds 1024 red, 1024 green, then 1024 blue values, row-major
@@ -450,6 +453,18 @@ def load_cifar10(root: Path) -> tuple[ImageSet, ImageSet]:
         return ImageSet(labels=torch.tensor(labels), classes=classes, images=images.contiguous())
 
     return read([f"data_batch_{i}" for i in range(1, 6)]), read(["test_batch"])
+
+
+def check_labels(labels, num_classes: int, path, names: str):
+    """A one-line error naming `path` unless every label is a whole number in [0, num_classes):
+    read when the data is loaded, not found by the k-NN after an epoch of training."""
+    bad = next((v for v in labels if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))
+                or not 0 <= v < num_classes), None) if isinstance(labels, list) else None
+    if bad is not None:
+        shown = repr(bad) if len(repr(bad)) <= 40 else f"{repr(bad)[:40]}..."
+        raise DinoError(f"{path} holds the label {shown} ({type(bad).__name__}), but labels must be "
+                        f"whole numbers from 0 to {num_classes - 1}, one per name of {names}; "
+                        f"replace it with a fresh copy")
 
 
 def download_cifar10(root: Path):
@@ -626,7 +641,26 @@ def with_masks(split: ImageSet, root: Path) -> ImageSet:
         raise DinoError(f"{folder} holds masks for {len(paths) - len(missing)} of the {len(paths)} "
                         f"evaluation images but not for {missing[0]} ({len(missing)} missing); give "
                         f"every evaluation image a mask, or none")
+    for image, mask in zip(split.files, paths):  # headers only: sizes, before any work
+        try:
+            with open_image(image) as im:
+                size = displayed_size(im)
+        except (DinoError, *UNREADABLE):
+            continue  # an unreadable image is left out, and its mask with it
+        try:
+            with open_image(mask) as m:
+                require_mask_fits(mask, m.size, image, size)
+        except UNREADABLE:
+            raise DinoError(f"mask {mask} could not be read as an image; replace it") from None
     return dataclasses.replace(split, mask_files=[str(p) for p in paths])
+
+
+def require_mask_fits(mask, mask_size: tuple, image, image_size: tuple):
+    """The one check of a mask against its image, for masks in memory and as files alike;
+    sizes as (width, height), the image's as read_rgb turns it upright."""
+    require(tuple(mask_size) == tuple(image_size),
+            f"mask {mask} is {mask_size[0]}x{mask_size[1]} px, its image {image} "
+            f"{image_size[0]}x{image_size[1]} px; a mask must have its image's size")
 
 
 def read_mask(path) -> torch.Tensor:
@@ -659,11 +693,10 @@ def hold_in_memory(data: ImageSet, max_side: int = 64, max_bytes: int = 4 * 2 **
     keep = [i for i, im in enumerate(images) if im is not None]
     masks = None
     if data.mask_files is not None:
-        masks = torch.stack([read_mask(data.mask_files[i]) for i in keep])  # (n, H, W)
-        require(masks.shape[-2:] == (images[keep[0]].size[1], images[keep[0]].size[0]),
-                f"the masks under {Path(data.mask_files[0]).parent} are {masks.shape[-1]}x"
-                f"{masks.shape[-2]} px, their images {images[keep[0]].size[0]}x"
-                f"{images[keep[0]].size[1]} px; a mask must have its image's size")
+        masks = [read_mask(data.mask_files[i]) for i in keep]
+        for i, m in zip(keep, masks):
+            require_mask_fits(data.mask_files[i], m.shape[::-1], data.files[i], images[i].size)
+        masks = torch.stack(masks)  # (n, H, W)
     return ImageSet(labels=data.labels[keep], classes=data.classes, files=[data.files[i] for i in keep],
                     images=torch.stack([pil_to_tensor(images[i]) for i in keep]),  # (n, 3, H, W)
                     unreadable=data.unreadable + [data.files[i] for i, im in enumerate(images) if im is None],

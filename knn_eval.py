@@ -578,7 +578,37 @@ def read_features(path, need_probe):
     require(not need_probe or "train_probe" in features,
             f"{path} was saved without --linear, so it holds no probe features; extract them "
             f"again with --linear --save_features")
+    check_features(features, path)
     return features
+
+
+def check_features(features: dict, path):
+    """One-line errors for a features file whose parts do not fit together, before the k-NN: each
+    split's (N, D) features and N labels, one D for both splits, labels among the classes."""
+    classes = features["classes"]
+    require(isinstance(classes, list) and len(classes) >= 1, f"{path}: 'classes' is not a list of "
+                                                             f"class names; extract the features again")
+    dims = {}
+    for kind in ("features", "probe"):
+        for split in ("train", "test"):
+            x, y = features.get(f"{split}_{kind}"), features[f"{split}_labels"]
+            if kind == "probe" and x is None:
+                continue
+            require(isinstance(x, torch.Tensor) and x.ndim == 2 and x.is_floating_point() and len(x) >= 1,
+                    f"{path}: {split}_{kind} is not an (N, D) tensor of floats; extract the features again")
+            require(isinstance(y, torch.Tensor) and y.ndim == 1 and not y.is_floating_point()
+                    and y.dtype != torch.bool and len(y) == len(x),
+                    f"{path}: {split}_labels is not one whole-number label for each of the {len(x)} "
+                    f"rows of {split}_{kind}; extract the features again")
+            bad = y[(y < 0) | (y >= len(classes))][:1].tolist()
+            require(not bad, f"{path}: {split}_labels holds the label {bad[0] if bad else None}, beyond "
+                             f"the {len(classes)} classes it names (labels run from 0 to "
+                             f"{len(classes) - 1}); extract the features again")
+            dims.setdefault(kind, {})[split] = x.shape[1]
+        if kind in dims:
+            require(len(set(dims[kind].values())) == 1,
+                    f"{path}: the training {kind} are {dims[kind]['train']}-d, the test {kind} "
+                    f"{dims[kind]['test']}-d; both splits must come from one network")
 
 
 def report_knn(args, features: dict, device, log) -> tuple[dict, list]:

@@ -429,14 +429,13 @@ def run_attention(args):
     if args.image:
         masks = [data.read_mask(m) for m in args.mask] if args.mask else [None] * len(args.image)
         images = [(Path(f).stem, read_image(f), m) for f, m in zip(args.image, masks)]
+        for f, m, (_, image, mask) in zip(args.image, args.mask or [], images):  # as data.with_masks
+            data.require_mask_fits(m, mask.shape[::-1], f, image.shape[:-3:-1])
     else:
         sample = sample_set(1, size, built_in_of(args))
         images = [("sample", sample.images[0], None if sample.masks is None else sample.masks[0])]
     written = []
     for stem, image, mask in images:
-        if mask is not None:
-            require(mask.shape == image.shape[-2:], f"the mask of {stem} is {tuple(mask.shape)} px, "
-                                                    f"its image {tuple(image.shape[-2:])}")
         path = out / f"attention_{stem}.png"
         attention_figure(backbone, image, args.share, size, path=path, mask=mask)
         written.append(path)

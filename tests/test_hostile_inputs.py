@@ -200,6 +200,83 @@ def test_a_short_run_over_many_epochs_holds_no_array_of_epochs(monkeypatch):
         dino.schedules(dino.Config(epochs=data.MAX_EPOCHS), 100)
 
 
+# -- 4. labels and shapes, checked when read ------------------------------------------------------
+
+LABEL_CASES = [  # (labels of data_batch_3, label_names, what the error says)
+    ([0, 1, 2, 99], None, "data_batch_3 holds the label 99 (int)"),
+    ([0, -1, 2, 3], None, "data_batch_3 holds the label -1 (int)"),
+    ([0, 1.0, 2, 3], None, "data_batch_3 holds the label 1.0 (float)"),
+    ([0, "1", 2, 3], None, "data_batch_3 holds the label '1' (str)"),
+    ([0, 10 ** 30, 2, 3], None, "data_batch_3 holds the label 1000000000000000000000000000000 (int)"),
+    ([0, True, 2, 3], None, "data_batch_3 holds the label True (bool)"),
+    ([0, 1, 2, 3], ["a", "b", "c"], "data_batch_1 holds the label 3 (int), but labels must be whole "
+                                    "numbers from 0 to 2, one per name of the 3 label_names"),
+    ([0, 1, 2, 3], [1, 2, 3, 4], "batches.meta has no list of label_names"),
+]
+
+
+@pytest.mark.parametrize("labels,names,message", LABEL_CASES, ids=[c[2][:40] for c in LABEL_CASES])
+def test_cifar_labels_are_checked_when_loaded(tmp_path, labels, names, message):
+    root = write_cifar(tmp_path / "cifar10" / "cifar-10-batches-py", names=names,
+                       batch=("data_batch_3", labels))
+    with pytest.raises(data.DinoError) as error:
+        data.load_data(str(root))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def features_file(path, **changes):
+    f = dict(train_features=torch.randn(6, 16), train_labels=torch.tensor([0, 1, 2, 0, 1, 2]),
+             test_features=torch.randn(3, 16), test_labels=torch.tensor([0, 1, 2]), classes=["a", "b", "c"])
+    checkpoint.save_checkpoint({**f, **changes}, path)
+    return str(path)
+
+
+FEATURE_CASES = [  # (what is changed, what the error says)
+    (dict(test_features=torch.randn(3, 8)), "the training features are 16-d, the test features 8-d"),
+    (dict(train_labels=torch.tensor([0, 1, 2, 0, 1, 7])), "train_labels holds the label 7, beyond the 3 classes"),
+    (dict(test_labels=torch.tensor([0, -1, 2])), "test_labels holds the label -1"),
+    (dict(classes=["a"]), "train_labels holds the label 1, beyond the 1 classes"),
+    (dict(classes="abc"), "'classes' is not a list of class names"),
+    (dict(train_labels=torch.tensor([0, 1, 2])), "train_labels is not one whole-number label for each of the 6"),
+    (dict(test_labels=torch.tensor([0.0, 1.0, 2.0])), "test_labels is not one whole-number label"),
+    (dict(train_features=torch.randn(6)), "train_features is not an (N, D) tensor of floats"),
+]
+
+
+@pytest.mark.parametrize("changes,message", FEATURE_CASES, ids=[c[1][:40] for c in FEATURE_CASES])
+def test_saved_features_that_do_not_fit_together_are_refused(tmp_path, changes, message):
+    path = features_file(tmp_path / "features.pth", **changes)
+    with pytest.raises(data.DinoError) as error:
+        knn_eval.main(["--load_features", path, "--device", "cpu"], log=lambda *_: None)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_matching_features_still_evaluate(tmp_path):
+    lines = []
+    assert knn_eval.main(["--load_features", features_file(tmp_path / "f.pth"), "--device", "cpu",
+                          "--k", "2"], log=lines.append) == 0
+    assert any(line.startswith("knn top1@2=") for line in lines)
+
+
+# -- 5. masks of the wrong size: refused in memory and from files, in the same words --------------
+
+@pytest.mark.parametrize("side", [32, 80], ids=["held in memory", "read from files"])
+def test_masks_of_the_wrong_size_are_refused_on_both_paths(tmp_path, side):
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            write_png(tmp_path / split / c / "0.png", size=(side, side))
+            if split == "val":
+                write_png(tmp_path / "masks" / split / c / "0.png", size=(side // 2, side // 2))
+    pattern = (fr"mask .*masks/val/a/0.png is {side // 2}x{side // 2} px, its image .*val/a/0.png "
+               fr"{side}x{side} px; a mask must have its image's size")
+    with pytest.raises(data.DinoError, match=pattern):
+        data.load_data(str(tmp_path))
+    for c in ("a", "b"):  # right-sized masks load
+        write_png(tmp_path / "masks" / "val" / c / "0.png", size=(side, side))
+    _, _, val = data.load_data(str(tmp_path))
+    assert (val.masks if side <= 64 else val.mask_files) is not None
+
+
 # -- 6. EXIF orientation ---------------------------------------------------------------------------
 
 def test_an_exif_rotated_jpeg_is_decoded_upright(tmp_path):
