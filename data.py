@@ -742,12 +742,14 @@ class FolderMultiCrop(torch.utils.data.Dataset):
     def __getitem__(self, item):
         position, i = item
         torch.manual_seed(derive_seed(self.seed, "folder_crops", self.epoch, position))
+        # only the item's own file is named: a stand-in that fails too is named by its own item
+        # (naming it here as well counted 3 files for 2, one of them twice)
         unreadable = []
         for k in range(len(self.files)):
             image = read_rgb(self.files[(i + k) % len(self.files)])
             if image is not None:
                 return [pil_to_tensor(crop(image)) for crop in self.crops], unreadable
-            unreadable.append(self.files[(i + k) % len(self.files)])
+            unreadable = [self.files[i]]
         return None, unreadable
 
 

@@ -862,7 +862,7 @@ class Trainer:
         self.check_finite()
         at = self.scheduled(min((epoch + 1) * self.steps_per_epoch, self.total_steps) - 1)
         record = self.records.epoch_record(epoch + 1, self.progress.means(), self.center.norm().item(),
-                                           at, seconds, gather_lists(self.progress.unreadable))
+                                           at, seconds, list(dict.fromkeys(gather_lists(self.progress.unreadable))))
         stopped_at, self.stopped_at = self.stopped_at, None  # a step, when the clock ran out
         last = epoch + 1 == self.epochs_to_run or stopped_at is not None
         knn_due = self.cfg.knn_every and (epoch + 1) % self.cfg.knn_every == 0

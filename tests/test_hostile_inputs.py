@@ -303,3 +303,17 @@ def test_hidden_folders_and_files_are_never_part_of_a_data_set(tmp_path):
     write_png(tmp_path / "loose" / "train" / ".ipynb_checkpoints" / "1.png")  # not a labelled split
     _, kind, _ = data.locate(str(tmp_path / "loose"))
     assert kind == "images" and data.scan_images(tmp_path / "loose").files == [str(tmp_path / "loose" / "0.png")]
+
+
+# -- 8. each unreadable file named once ------------------------------------------------------------
+
+def test_two_unreadable_files_in_a_row_are_named_once_each(tmp_path):
+    good = [write_png(tmp_path / f"{i}.png") for i in range(2)]
+    bad = [tmp_path / "bad1.png", tmp_path / "bad2.png"]
+    for path in bad:
+        path.write_bytes(b"not an image")
+    files = [str(good[0]), str(bad[0]), str(bad[1]), str(good[1])]
+    dataset = data.FolderMultiCrop(data.ImageSet(labels=torch.zeros(4, dtype=torch.long), classes=["x"],
+                                                 files=files), [transforms.RandomResizedCrop(8)], seed=0, epoch=0)
+    named = [path for position in range(4) for path in dataset[(position, position)][1]]
+    assert named == [str(bad[0]), str(bad[1])]  # bad1's stand-in bad2 failed too: named by its own item
