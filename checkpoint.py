@@ -74,7 +74,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     unpickled under the same restrictions."""
     path = Path(path)
     try:
-        regular_file(path, "weights file")  # a named pipe would block open() forever
+        regular_file(path, "file")  # a named pipe would block open() forever
     except OSError:
         raise DinoError(f"{path} does not exist or is not a file") from None
     with open(path, "rb") as f:

@@ -1497,7 +1497,8 @@ def run(cfg: Config, say) -> int:
                 if eval_set is None else f"the k-NN monitor votes among the {len(eval_set)} "
                 f"labelled evaluation images, each leaving itself out"))
     if train_set.unreadable:
-        say(f"warning: {len(train_set.unreadable)} unreadable image(s) left out (named in "
+        say(f"warning: {len(train_set.unreadable)} unreadable image(s) left out (empty, damaged, "
+            f"not a regular file or over {data.IMAGE_MAX_BYTES // 2 ** 20} MiB; named in "
             f"log.jsonl): {', '.join(train_set.unreadable[:5])}"
             + (" ..." if len(train_set.unreadable) > 5 else ""))
     for flag, what in (("warmup_epochs", "the learning rate never reaches its peak"),

@@ -134,6 +134,15 @@ def test_a_named_pipe_among_the_images_is_skipped_not_opened(tmp_path):
         finishes(lambda: visualize.read_image(fifo), fifo)
 
 
+def test_named_pipes_and_oversized_files_in_a_folder_are_skipped_and_named(tmp_path):
+    for c in ("a", "b"):
+        write_png(tmp_path / "train" / c / "0.png")
+    os.mkfifo(tmp_path / "train" / "a" / "pipe.png")
+    sparse_jpeg(tmp_path / "train" / "b" / "huge.jpg", 20 * 2 ** 30)
+    train = data.scan_folder(tmp_path / "train")
+    assert len(train) == 2 and sorted(Path(f).name for f in train.unreadable) == ["huge.jpg", "pipe.png"]
+
+
 # -- 2. sizes that come from the input ------------------------------------------------------------
 
 def test_a_long_thin_image_is_refused_before_its_attention_is_built(tmp_path):
