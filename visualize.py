@@ -571,6 +571,9 @@ def main(argv=None):
     for name, rule in rules.items():  # data.RULES, as dino.py's and knn_eval.py's flags use
         if getattr(args, name, None) is not None:
             data.check_flag(name, getattr(args, name), rule)
+    images = getattr(args, "image", None)
+    require(not isinstance(images, list) or len(images) <= 64,  # as --samples: "panels"
+            f"{len(images or [])} --image files given; at most 64 (a figure panel or a PNG each)")
     if getattr(args, "out", None):  # before any model or data is loaded
         data.writable_folder(args.out, "--out")
     run = {"attention": run_attention, "pca": run_pca, "curves": run_curves, "views": run_views,

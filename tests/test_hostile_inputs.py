@@ -179,13 +179,14 @@ FLAG_CASES = [  # (command line, argv, what the error says)
     ("knn_eval", ["--raw_pixels", "--temperature", "inf"], "--temperature must be a finite number"),
     ("knn_eval", ["--raw_pixels", "--seed", str(10 ** 20)], "--seed must be at least 0 and at most 2^63 - 1"),
     ("visualize", ["pca", "--samples", "1000"], "--samples must be at least 1 and at most 64"),
+    ("visualize", ["pca"] + ["--image", "x.png"] * 65, "65 --image files given; at most 64"),
     ("visualize", ["attention", "--image_size", "100000"], "--image_size must be at least 0 and at most 4096 px"),
     ("visualize", ["attention", "--share", "nan"], "--share must be a finite number"),
     ("visualize", ["views", "--seed", str(10 ** 20)], "--seed must be at least 0 and at most 2^63 - 1"),
 ]
 
 
-@pytest.mark.parametrize("command,argv,message", FLAG_CASES, ids=[f"{c[0]} {' '.join(c[1])}" for c in FLAG_CASES])
+@pytest.mark.parametrize("command,argv,message", FLAG_CASES, ids=[f"{c[0]} {' '.join(c[1])}"[:60] for c in FLAG_CASES])
 def test_flags_are_bounded_and_finite(command, argv, message):
     # knn_eval reads no data here: should a check fail, the run stops at the missing folder
     # instead of extracting features at the size asked for
