@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import vit
-from data import DinoError, require
+from data import DinoError, regular_file, require
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,8 +116,10 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     full checkpoints hold under 'args'. Building one only sets attributes, and its values are
     unpickled under the same restrictions."""
     path = Path(path)
-    if not path.is_file():
-        raise DinoError(f"{path} does not exist or is not a file")
+    try:
+        regular_file(path, "file")  # a named pipe would block open() forever
+    except OSError:
+        raise DinoError(f"{path} does not exist or is not a file") from None
     with open(path, "rb") as f:
         first = f.read(1)
     # torch.save writes a zip archive (older releases: a pickle, whose first byte is 0x80)

@@ -8,12 +8,14 @@ dino.py, knn_eval.py and visualize.py all import this module, and it imports non
 The pixel operations of the augmentations live in augment.py, checkpoint files in checkpoint.py.
 """
 
+import contextlib
 import dataclasses
 import math
 import os
 import pickle
 import resource
 import signal
+import stat
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import v2 as transforms
 from torchvision.transforms.v2.functional import pil_to_tensor
 
@@ -58,6 +60,10 @@ def derive_seed(seed: int, stream: str, *indices: int) -> int:
     return value % 2 ** 63
 
 
+MAX_EPOCHS = 10 ** 6
+MAX_STEPS = 10 ** 7
+MAX_SIDE = 4096
+
 # The ranges a number given on a command line may take; one table for the three command lines.
 RULES = {
     ">0": (lambda v: v > 0, "must be positive"),
@@ -69,12 +75,54 @@ RULES = {
     "[0,1)": (lambda v: 0 <= v < 1, "must be at least 0 and below 1"),
     "scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "must satisfy 0 < MIN <= MAX <= 1"),
     "file": (lambda v: not v or Path(v).is_file(), "must name an existing file"),
+    # Upper bounds, where a value sizes memory or time; each a few times the largest sane value:
+    # K: the head's last layer holds K x bottleneck_dim weights in each network and in AdamW's
+    # two moments, and the loss K floats a view (100000000 asked for 25.6 GB); the paper: 65536
+    "[2,2^18]": (lambda v: 2 <= v <= 2 ** 18, "must be at least 2 and at most 262144 (4x the paper's 65536)"),
+    # head widths: a hidden layer holds width^2 weights (8192: 256 MiB); the paper: 2048 and 256
+    "[1,8192]": (lambda v: 1 <= v <= 8192, "must be at least 1 and at most 8192"),
+    # epochs: per-epoch arrays (tau_t) are 8 bytes an epoch; the paper's longest run has 800
+    "epochs": (lambda v: 1 <= v <= MAX_EPOCHS, f"must be at least 1 and at most {MAX_EPOCHS}"),
+    "epochs>=0": (lambda v: 0 <= v <= MAX_EPOCHS, f"must be at least 0 and at most {MAX_EPOCHS}"),
+    # iterations: every schedule holds one float64 per iteration (5 of them: 400 MB at the cap,
+    # 10x the paper's longest run, 800 epochs of ImageNet at batch 1024)
+    "steps": (lambda v: 0 <= v <= MAX_STEPS, f"must be at least 0 and at most {MAX_STEPS}"),
+    # minutes: 10^6 is two years; larger ones (1e308) overflowed the clock's arithmetic
+    "minutes": (lambda v: 0 <= v <= 10 ** 6, "must be at least 0 and at most 1000000 minutes"),
+    # seeds: torch.manual_seed takes 64 bits, derive_seed folds seeds into 63
+    "seed": (lambda v: 0 <= v < 2 ** 63, "must be at least 0 and at most 2^63 - 1"),
+    # image sides in px: a 4096 px RGB view is 200 MB in float32 (the paper: 224 and 96)
+    "side": (lambda v: 1 <= v <= MAX_SIDE, f"must be at least 1 and at most {MAX_SIDE} px"),
+    "side>=0": (lambda v: 0 <= v <= MAX_SIDE, f"must be at least 0 and at most {MAX_SIDE} px"),
+    # a patch embedding holds 3 p^2 x width weights (the paper: 8 and 16)
+    "patch": (lambda v: 1 <= v <= 64, "must be at least 1 and at most 64 px"),
+    # views and processes: each local view is a forward pass per image (the paper: 6 to 10);
+    # each data-loading worker is a process with its own copy of the data set's list
+    "[0,64]": (lambda v: 0 <= v <= 64, "must be at least 0 and at most 64"),
+    # figure panels: one per sample (visualize.py pca drew 1000 for more than 5 minutes)
+    "panels": (lambda v: 1 <= v <= 64, "must be at least 1 and at most 64"),
 }
+# The longest token sequence a ViT is given here: explicit attention holds heads x N^2 floats a
+# block (N = 4097: 64 MiB a head), a 64 x 64 grid of patches; the paper's largest is 28 x 28.
+MAX_PATCHES = 4096
+
+
+def check_patches(height: int, width: int, patch: int, what: str, fix: str):
+    """A one-line error when an image of height x width px cut in patch px patches is a longer
+    sequence than MAX_PATCHES (a 10000 x 3 px image became 213,000 tokens: 730 GB of attention)."""
+    n = (height // patch) * (width // patch)
+    require(n <= MAX_PATCHES, f"{what} {width}x{height} px is {width // patch}x{height // patch} "
+                              f"= {n} patches of {patch} px, more than the {MAX_PATCHES} (a 64x64 "
+                              f"grid) whose attention fits in memory; {fix}")
 
 
 def check_flag(name: str, value, valid):
-    """A one-line error unless --name's value obeys `valid`: a RULES key, or a tuple of choices."""
+    """A one-line error unless --name's value obeys `valid`: a RULES key, or a tuple of choices.
+    A float must be finite whatever the rule (inf and nan pass comparisons they should fail)."""
     shown = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+    numbers = value if isinstance(value, (tuple, list)) else [value]
+    require(not any(isinstance(v, float) and not math.isfinite(v) for v in numbers),
+            f"--{name} must be a finite number, got {shown}")
     if isinstance(valid, tuple):
         require(value in valid, f"--{name} {shown} is unknown; choose one of {', '.join(valid)}")
     elif valid is not None:
@@ -113,6 +161,29 @@ def writable_file(path, flag: str) -> Path:
         raise DinoError(f"{flag} {path} cannot be written: its folder {path.parent} cannot be "
                         f"created or written; choose another place") from None
     return path
+
+
+def regular_file(path, what: str = "file", max_bytes: int | None = None) -> int:
+    """The size of `path` once os.stat (through links) shows a regular file; a one-line error
+    otherwise. Every reader of data, image and weight files asks it first: a named pipe, a socket
+    or a device named like a data file blocks open() or read() forever, and a file over
+    max_bytes takes minutes to scan. A missing file raises FileNotFoundError (OSError for a
+    broken link), so each caller can say what is missing in its own words."""
+    info = os.stat(path)
+    require(stat.S_ISREG(info.st_mode), f"{what} {path} is not a regular file (a named pipe, "
+                                        f"socket or device: reading it could block forever); "
+                                        f"give a regular file")
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise DinoError(f"{what} {path} is {info.st_size / 2 ** 20:.0f} MiB, over the "
+                        f"{max_bytes // 2 ** 20} MiB that a{'n' if what[0] in 'aeiou' else ''} "
+                        f"{what} may have here, so it is not opened; shrink or remove it")
+    return info.st_size
+
+
+def visible(path) -> bool:
+    """Whether a file or folder takes part in a data set: hidden ones (.git, .ipynb_checkpoints,
+    macOS's ._name files) never do, in labelled and unlabelled folders alike."""
+    return not Path(path).name.startswith(".")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -338,14 +409,20 @@ class ArrayUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"it names {module}.{name}, which a data file never needs")
 
 
+PICKLE_MAX_BYTES = 2 ** 30  # a CIFAR-10 batch is 30 MiB; a pickle is read whole into memory
+
+
 def read_pickle(path: Path) -> dict:
     """One CIFAR-10 file through ArrayUnpickler; any failure is a one-line error naming the file."""
     try:
+        regular_file(path, "CIFAR-10 file", PICKLE_MAX_BYTES)  # a named pipe would block open()
         with open(path, "rb") as f:
             obj = ArrayUnpickler(f, encoding="latin1").load()
     except FileNotFoundError:
         raise DinoError(f"{path} is missing; the CIFAR-10 folder is incomplete: extract "
                         f"cifar-10-python.tar.gz into {path.parent.parent} again") from None
+    except DinoError:
+        raise
     except Exception as e:  # refused classes, truncated files, garbage: all one message
         raise DinoError(f"{path} is not a readable CIFAR-10 file ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else 'no message'}); replace it "
@@ -359,7 +436,9 @@ def load_cifar10(root: Path) -> tuple[ImageSet, ImageSet]:
     """Read CIFAR-10's python pickles directly (torchvision's class rejects copies by md5)."""
     base = root / "cifar-10-batches-py"
     classes = read_pickle(base / "batches.meta").get("label_names")
-    require(isinstance(classes, list), f"{base / 'batches.meta'} has no list of label_names")
+    require(isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes),
+            f"{base / 'batches.meta'} has no list of label_names (class names as text); replace "
+            f"it with a fresh copy")
 
     def read(names):
         images, labels = [], []
@@ -369,6 +448,7 @@ def load_cifar10(root: Path) -> tuple[ImageSet, ImageSet]:
             require(isinstance(data, np.ndarray) and data.ndim == 2 and data.shape[1] == 3072
                     and data.dtype == np.uint8 and isinstance(y, list) and len(y) == len(data),
                     f"{base / name} does not hold CIFAR-10's uint8 (N, 3072) data and N labels")
+            check_labels(y, len(classes), base / name, f"the {len(classes)} label_names of batches.meta")
             images.append(torch.as_tensor(data))
             labels += y
         # each row holds 1024 red, 1024 green, then 1024 blue values, row-major
@@ -376,6 +456,18 @@ def load_cifar10(root: Path) -> tuple[ImageSet, ImageSet]:
         return ImageSet(labels=torch.tensor(labels), classes=classes, images=images.contiguous())
 
     return read([f"data_batch_{i}" for i in range(1, 6)]), read(["test_batch"])
+
+
+def check_labels(labels, num_classes: int, path, names: str):
+    """A one-line error naming `path` unless every label is a whole number in [0, num_classes):
+    read when the data is loaded, not found by the k-NN after an epoch of training."""
+    bad = next((v for v in labels if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))
+                or not 0 <= v < num_classes), None) if isinstance(labels, list) else None
+    if bad is not None:
+        shown = repr(bad) if len(repr(bad)) <= 40 else f"{repr(bad)[:40]}..."
+        raise DinoError(f"{path} holds the label {shown} ({type(bad).__name__}), but labels must be "
+                        f"whole numbers from 0 to {num_classes - 1}, one per name of {names}; "
+                        f"replace it with a fresh copy")
 
 
 def download_cifar10(root: Path):
@@ -395,26 +487,32 @@ def unreadable_error(path) -> DinoError:
                      f"without --strict_data to skip unreadable files")
 
 
+def image_file_ok(path) -> bool:
+    """Whether a file found in a folder can be an image: a regular file (not a named pipe, which
+    blocks, nor a link to nothing), not empty (an interrupted copy) and at most IMAGE_MAX_BYTES.
+    Files that fail are skipped and named, as images that fail to decode are."""
+    try:
+        return regular_file(path, "image", IMAGE_MAX_BYTES) > 0
+    except (DinoError, OSError):
+        return False
+
+
 def scan_folder(split_dir: Path, classes: list | None = None, strict: bool = False) -> ImageSet:
-    class_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir())
+    class_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir() and visible(d))
     if not class_dirs:
         raise DinoError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>")
     classes = classes or [d.name for d in class_dirs]
     files, labels, unreadable = [], [], []
     for d in class_dirs:
         require(d.name in classes, f"class folder {d} is not among the training classes")
-        entries = sorted(d.iterdir())
+        entries = sorted(f for f in d.iterdir() if visible(f))
         images = [f for f in entries if f.suffix.lower() in IMAGE_EXTENSIONS]
         below = [f for f in entries if f.is_dir()]
         require(images, f"class folder {d} holds no images" + (
             f" directly (they may be in its subfolders, such as {below[0].name}/: move them up "
             f"into {d}/)" if below else "; remove the folder or add its images"))
         for f in images:
-            try:  # an empty file is an interrupted copy; a dangling or looping link cannot be read
-                readable = f.stat().st_size > 0
-            except OSError:
-                readable = False
-            if not readable:  # skipped, and named in the log
+            if not image_file_ok(f):  # skipped, and named in the log
                 if strict:
                     raise unreadable_error(f)
                 unreadable.append(str(f))
@@ -438,28 +536,26 @@ def has_labels(data: ImageSet) -> bool:
 
 def has_class_folders(split_dir: Path) -> bool:
     """Whether split_dir is a labelled split: a folder with subfolders (one per class)."""
-    return split_dir.is_dir() and any(d.is_dir() for d in split_dir.iterdir())
+    return split_dir.is_dir() and any(d.is_dir() and visible(d) for d in split_dir.iterdir())
 
 
 def scan_images(root: Path, exclude: tuple = (), strict: bool = False) -> ImageSet:
     """Every image file under root, at any depth, in sorted path order, as one data set without
-    labels (one class, NO_LABELS). Folders in `exclude` (a labelled val/ beside) and hidden folders
-    (.git, .thumbnails) are left out; empty files and broken links are skipped and named, as
-    scan_folder does; images that fail to decode are found later, where they are read."""
+    labels (one class, NO_LABELS). Folders in `exclude` (a labelled val/ beside) and hidden files
+    and folders (.git, .thumbnails: `visible`) are left out; empty files, broken links, named
+    pipes and files over IMAGE_MAX_BYTES are skipped and named, as scan_folder does; images that
+    fail to decode are found later, where they are read."""
     files, unreadable = [], []
     for folder, subfolders, names in os.walk(root):
-        subfolders[:] = [d for d in subfolders if not d.startswith(".") and Path(folder, d) not in exclude]
+        subfolders[:] = [d for d in subfolders if visible(d) and Path(folder, d) not in exclude]
         for name in names:
             path = Path(folder, name)
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            if path.suffix.lower() not in IMAGE_EXTENSIONS or not visible(path):
                 continue
-            try:
-                empty = path.stat().st_size == 0  # an interrupted copy or download
-            except OSError:  # a link to nothing
-                empty = True
-            if empty and strict:
+            ok = image_file_ok(path)
+            if not ok and strict:
                 raise unreadable_error(path)
-            (unreadable if empty else files).append(path)
+            (files if ok else unreadable).append(path)
     if not files:
         raise DinoError(f"no images found under {root}: it has no train/ folder of classes and no "
                         f"image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in it or its subfolders")
@@ -548,13 +644,32 @@ def with_masks(split: ImageSet, root: Path) -> ImageSet:
         raise DinoError(f"{folder} holds masks for {len(paths) - len(missing)} of the {len(paths)} "
                         f"evaluation images but not for {missing[0]} ({len(missing)} missing); give "
                         f"every evaluation image a mask, or none")
+    for image, mask in zip(split.files, paths):  # headers only: sizes, before any work
+        try:
+            with open_image(image) as im:
+                size = displayed_size(im)
+        except (DinoError, *UNREADABLE):
+            continue  # an unreadable image is left out, and its mask with it
+        try:
+            with open_image(mask) as m:
+                require_mask_fits(mask, m.size, image, size)
+        except UNREADABLE:
+            raise DinoError(f"mask {mask} could not be read as an image; replace it") from None
     return dataclasses.replace(split, mask_files=[str(p) for p in paths])
+
+
+def require_mask_fits(mask, mask_size: tuple, image, image_size: tuple):
+    """The one check of a mask against its image, for masks in memory and as files alike;
+    sizes as (width, height), the image's as read_rgb turns it upright."""
+    require(tuple(mask_size) == tuple(image_size),
+            f"mask {mask} is {mask_size[0]}x{mask_size[1]} px, its image {image} "
+            f"{image_size[0]}x{image_size[1]} px; a mask must have its image's size")
 
 
 def read_mask(path) -> torch.Tensor:
     """A mask file as (H, W) bool: nonzero (in any channel) = foreground."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             m = torch.as_tensor(np.array(im))
     except UNREADABLE:
         raise DinoError(f"mask {path} could not be read as an image; replace it") from None
@@ -581,11 +696,10 @@ def hold_in_memory(data: ImageSet, max_side: int = 64, max_bytes: int = 4 * 2 **
     keep = [i for i, im in enumerate(images) if im is not None]
     masks = None
     if data.mask_files is not None:
-        masks = torch.stack([read_mask(data.mask_files[i]) for i in keep])  # (n, H, W)
-        require(masks.shape[-2:] == (images[keep[0]].size[1], images[keep[0]].size[0]),
-                f"the masks under {Path(data.mask_files[0]).parent} are {masks.shape[-1]}x"
-                f"{masks.shape[-2]} px, their images {images[keep[0]].size[0]}x"
-                f"{images[keep[0]].size[1]} px; a mask must have its image's size")
+        masks = [read_mask(data.mask_files[i]) for i in keep]
+        for i, m in zip(keep, masks):
+            require_mask_fits(data.mask_files[i], m.shape[::-1], data.files[i], images[i].size)
+        masks = torch.stack(masks)  # (n, H, W)
     return ImageSet(labels=data.labels[keep], classes=data.classes, files=[data.files[i] for i in keep],
                     images=torch.stack([pil_to_tensor(images[i]) for i in keep]),  # (n, 3, H, W)
                     unreadable=data.unreadable + [data.files[i] for i, im in enumerate(images) if im is None],
@@ -599,9 +713,9 @@ def probe_image_size(data: ImageSet) -> int:
     sides = []
     for f in data.files[:20]:
         try:
-            with Image.open(f) as im:
+            with open_image(f) as im:
                 sides.append(min(im.size))
-        except UNREADABLE:
+        except (DinoError, *UNREADABLE):
             continue
     if sides:
         return sorted(sides)[len(sides) // 2]
@@ -631,12 +745,14 @@ class FolderMultiCrop(torch.utils.data.Dataset):
     def __getitem__(self, item):
         position, i = item
         torch.manual_seed(derive_seed(self.seed, "folder_crops", self.epoch, position))
+        # only the item's own file is named: a stand-in that fails too is named by its own item
+        # (naming it here as well counted 3 files for 2, one of them twice)
         unreadable = []
         for k in range(len(self.files)):
             image = read_rgb(self.files[(i + k) % len(self.files)])
             if image is not None:
                 return [pil_to_tensor(crop(image)) for crop in self.crops], unreadable
-            unreadable.append(self.files[(i + k) % len(self.files)])
+            unreadable = [self.files[i]]
         return None, unreadable
 
 
@@ -645,14 +761,62 @@ class FolderMultiCrop(torch.utils.data.Dataset):
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
+# An image file may have at most this many bytes: a 50-megapixel photo is 10-30 MB as a JPEG,
+# a 16-bit 40-megapixel TIFF 240 MB; a bigger file is refused (a single --image) or skipped and
+# named (in a folder) without being opened, since PIL would scan or decode it for minutes.
+IMAGE_MAX_BYTES = 256 * 2 ** 20
+# PIL's header parsers skip junk one byte a read: a JPEG header followed by gigabytes of zeros
+# kept Image.open busy for hours. A real header (markers, chunks, tags) takes a few hundred reads.
+HEADER_READS = 20_000
+
+
+class _ReadBudget:
+    """A file object that answers end-of-file after `left` reads, while Image.open reads the header."""
+
+    def __init__(self, f, left: int):
+        self.f, self.left = f, left
+
+    def read(self, n=-1):
+        if self.left is not None:
+            if self.left <= 0:
+                return b""
+            self.left -= 1
+        return self.f.read(n)
+
+    def __getattr__(self, name):  # seek, tell, fileno, ...: the file's own
+        return getattr(self.f, name)
+
+
+@contextlib.contextmanager
+def open_image(path):
+    """Image.open for any file a user names, in bounded time: a regular file of at most
+    IMAGE_MAX_BYTES (a DinoError that says which it is not), whose header PIL reads within
+    HEADER_READS reads (else an UNREADABLE error). The one place image files are opened."""
+    regular_file(path, "image", IMAGE_MAX_BYTES)
+    with open(path, "rb") as f:
+        budget = _ReadBudget(f, HEADER_READS)
+        with Image.open(budget) as im:
+            budget.left = None  # the header is read; decoding reads in large blocks
+            yield im
+
+
+def displayed_size(im) -> tuple[int, int]:
+    """(width, height) of an opened image as read_rgb returns it: EXIF orientations 5-8 (a
+    camera held sideways) swap the sides."""
+    w, h = im.size
+    return (h, w) if im.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)
+
+
 def read_rgb(path):
-    """An image as 8-bit RGB (grayscale, palette, RGBA and 16-bit converted), or None if unreadable."""
+    """An image as 8-bit RGB (grayscale, palette, RGBA and 16-bit converted), turned upright as
+    its EXIF orientation says (as image viewers show it), or None if unreadable."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
+            im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 im = im.point(lambda v: v / 256).convert("L")
             return im.convert("RGB")
-    except UNREADABLE:
+    except (DinoError, *UNREADABLE):
         return None
 
 

@@ -64,12 +64,12 @@ class Config:
     output_dir: str = flag("", "where checkpoint.pth, config.json and the logs go (default: runs/<data name>)")
     # backbone
     arch: str = flag("vit_small", "backbone", tuple(vit.ARCHS))
-    patch_size: int = flag(16, "ViT patch size p in pixels", ">=1")
+    patch_size: int = flag(16, "ViT patch size p in pixels", "patch")
     drop_path_rate: float = flag(0.1, "stochastic depth of the student (the teacher has none)", "[0,1)")
     # projection head g = last layer ∘ L2 normalisation ∘ MLP
-    out_dim: int = flag(65536, "K, the number of output dimensions; smaller (4096) for small data", ">=2")
-    hidden_dim: int = flag(2048, "width of the head's hidden layers", ">=1")
-    bottleneck_dim: int = flag(256, "width of the L2-normalised bottleneck", ">=1")
+    out_dim: int = flag(65536, "K, the number of output dimensions; smaller (4096) for small data", "[2,2^18]")
+    hidden_dim: int = flag(2048, "width of the head's hidden layers", "[1,8192]")
+    bottleneck_dim: int = flag(256, "width of the L2-normalised bottleneck", "[1,8192]")
     norm_last_layer: bool = flag(True, "fix the norm of the last layer's weights to 1 (stabler)")
     use_bn_in_head: bool = flag(False, "BatchNorm after the head's hidden layers")
     # loss: temperatures and centering
@@ -78,7 +78,7 @@ class Config:
     teacher_temp: float = flag(0.07, "τ_t after warm-up (paper: 0.04 → 0.07 over 30 epochs; the "
                                      "authors' code defaults to 0.04). Above 0.07 is unstable; set "
                                      "it and its warm-up to τ_s to turn sharpening off", ">0")
-    warmup_teacher_temp_epochs: int = flag(30, "epochs of τ_t warm-up", ">=0")
+    warmup_teacher_temp_epochs: int = flag(30, "epochs of τ_t warm-up", "epochs>=0")
     center_momentum: float = flag(0.9, "m, momentum of the center c", "[0,1]")
     centering: bool = flag(True, "subtract the center c from the teacher's output (off: collapse ablation)")
     # teacher
@@ -87,36 +87,36 @@ class Config:
     momentum_teacher_end: float = flag(1.0, "λ at the last step (paper: 1); with --momentum_teacher "
                                             "0 it makes the teacher a copy of the student", "[0,1]")
     # multi-crop
-    global_crops_size: int = flag(224, "side of the 2 global views, px", ">=1")
+    global_crops_size: int = flag(224, "side of the 2 global views, px", "side")
     global_crops_scale: tuple = flag((0.4, 1.0), "area range of a global crop, share of the image", "scale")
-    local_crops_number: int = flag(8, "number of local views", ">=0")
-    local_crops_size: int = flag(96, "side of a local view, px", ">=1")
+    local_crops_number: int = flag(8, "number of local views", "[0,64]")
+    local_crops_size: int = flag(96, "side of a local view, px", "side")
     local_crops_scale: tuple = flag((0.05, 0.4), "area range of a local crop, share of the image", "scale")
     # optimisation
     optimizer: str = flag("adamw", "optimizer of the student", ("adamw", "sgd"))
     batch_size: int = flag(64, "images per step (per process)", ">=1")
-    epochs: int = flag(100, "training epochs", ">=1")
+    epochs: int = flag(100, "training epochs", "epochs")
     steps: int = flag(0, "run length in iterations (0 = epochs x iterations per epoch); the schedules "
-                         "are laid over it. --time_limit sets it from the speed measured", ">=0")
+                         "are laid over it. --time_limit sets it from the speed measured", "steps")
     lr: float = flag(0.0005, "peak learning rate at batch 256; scaled linearly with the batch", ">0")
     min_lr: float = flag(1e-6, "learning rate at the end of the cosine decay", ">=0")
-    warmup_epochs: int = flag(10, "epochs of linear lr warm-up from 0", ">=0")
+    warmup_epochs: int = flag(10, "epochs of linear lr warm-up from 0", "epochs>=0")
     weight_decay: float = flag(0.04, "weight decay at step 0, raised on a cosine ...", ">=0")
     weight_decay_end: float = flag(0.4, "... to this value at the last step", ">=0")
     clip_grad: float = flag(3.0, "clip each parameter's gradient to this norm (0 = off)", ">=0")
     freeze_last_layer: int = flag(1, "epochs in which the head's last layer stays as it is (raise it if the "
-                                     "loss does not fall)", ">=0")
+                                     "loss does not fall)", "epochs>=0")
     # run
-    seed: int = flag(0, "random seed", ">=0")
+    seed: int = flag(0, "random seed", "seed")
     device: str = flag("auto", "auto | cpu | cuda | cuda:N")
-    num_workers: int = flag(4, "data-loading processes for image folders", ">=0")
+    num_workers: int = flag(4, "data-loading processes for image folders", "[0,64]")
     strict_data: bool = flag(False, "stop at the first unreadable image (default: skip it, name it in log.jsonl)")
     save_every: int = flag(200, "also save every N steps inside an epoch (0 = at epoch ends only)", ">=0")
     knn_every: int = flag(0, "run the k-NN monitor every N epochs (0 = only at the end)", ">=0")
     precision: str = flag("auto", "auto is bf16 autocast on CUDA, fp32 on CPU", ("auto", "bf16", "fp32"))
     compile: bool = flag(False, "torch.compile the networks (the first steps are slow while it compiles)")
     time_limit: float = flag(0.0, "minutes of training (0 = none): sets --steps to what fits at the speed "
-                                  "measured; stops there in any case (evaluation not counted)", ">=0")
+                                  "measured; stops there in any case (evaluation not counted)", "minutes")
     init_from: str = flag("", "start from a backbone or full checkpoint (README: Warm start)", "file")
     log_every: int = flag(0, "a record in steps.jsonl every N steps (0 = at least 100 per run)", ">=0")
     tensorboard: bool = flag(False, "step records also to OUTPUT_DIR/tensorboard (pip install tensorboard)")
@@ -248,12 +248,17 @@ def cosine_schedule(base, final, total_steps, warmup_steps=0, start_warmup=0.0):
     return torch.cat([warmup, cosine])[:total_steps]  # a warm-up longer than the run is cut
 
 
-def teacher_temp_schedule(cfg: Config):
-    """τ_t per epoch: linear from warmup_teacher_temp to teacher_temp, then constant."""
+def teacher_temp_schedule(cfg: Config, epoch: torch.Tensor | None = None):
+    """τ_t at each of the given epochs (None: every epoch of the run): linear from
+    warmup_teacher_temp to teacher_temp, then constant. Only the ramp is an array, so a short
+    --steps over many --epochs holds no array of --epochs values."""
+    epoch = torch.arange(cfg.epochs) if epoch is None else epoch
     ramp = torch.linspace(cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs,
                           dtype=torch.float64)
-    rest = torch.full((max(cfg.epochs - len(ramp), 0),), cfg.teacher_temp, dtype=torch.float64)
-    return torch.cat([ramp, rest])[:cfg.epochs]
+    after = torch.full(epoch.shape, cfg.teacher_temp, dtype=torch.float64)
+    if len(ramp) == 0:
+        return after
+    return torch.where(epoch < len(ramp), ramp[epoch.clamp(max=len(ramp) - 1)], after)
 
 
 def schedules(cfg: Config, steps_per_epoch: int, world_size: int = 1) -> dict:
@@ -261,6 +266,9 @@ def schedules(cfg: Config, steps_per_epoch: int, world_size: int = 1) -> dict:
     schedules are L = T / epochs iterations long: the data's epochs, unless --steps (or
     --time_limit) sets T, which stretches or squeezes the whole plan, warm-ups included, onto T."""
     T = cfg.steps or cfg.epochs * steps_per_epoch
+    require(T <= data.MAX_STEPS, f"--epochs {cfg.epochs} of {steps_per_epoch} steps is a run of {T} "
+                                 f"steps, more than the {data.MAX_STEPS} whose schedules fit in memory; "
+                                 f"lower --epochs or set --steps")
     L = T / cfg.epochs
     # linear scaling rule: $$lr = lr_{base} \cdot \frac{\text{total batch}}{256}$$
     peak_lr = cfg.lr * cfg.batch_size * world_size / 256
@@ -269,7 +277,7 @@ def schedules(cfg: Config, steps_per_epoch: int, world_size: int = 1) -> dict:
         "lr": cosine_schedule(peak_lr, cfg.min_lr, T, round(cfg.warmup_epochs * L)),
         "wd": cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, T),
         "momentum": cosine_schedule(cfg.momentum_teacher, cfg.momentum_teacher_end, T),  # λ
-        "teacher_temp": teacher_temp_schedule(cfg)[epoch],  # τ_t, constant within an epoch
+        "teacher_temp": teacher_temp_schedule(cfg, epoch),  # τ_t, constant within an epoch
         "freeze_last_layer": epoch < cfg.freeze_last_layer,
     }
 
@@ -853,7 +861,7 @@ class Trainer:
         it), then record the epoch (log.jsonl, its line) even if the k-NN fails; True at the end."""
         at = self.scheduled(min((epoch + 1) * self.steps_per_epoch, self.total_steps) - 1)
         record = self.records.epoch_record(epoch + 1, self.progress.means(), self.center.norm().item(),
-                                           at, seconds, gather_lists(self.progress.unreadable))
+                                           at, seconds, list(dict.fromkeys(gather_lists(self.progress.unreadable))))
         stopped_at, self.stopped_at = self.stopped_at, None  # a step, when the clock ran out
         last = epoch + 1 == self.epochs_to_run or stopped_at is not None
         knn_due = self.cfg.knn_every and (epoch + 1) % self.cfg.knn_every == 0
@@ -1525,6 +1533,8 @@ def validate(cfg: Config):
         size = getattr(cfg, name)
         require(size % cfg.patch_size == 0,
                 f"--{name} {size} is not a multiple of --patch_size {cfg.patch_size}")
+        data.check_patches(size, size, cfg.patch_size, f"--{name} {size}: a view of",
+                           "lower it or raise --patch_size")
     require(not cfg.tensorboard or importlib.util.find_spec("tensorboard") is not None,
             "--tensorboard needs the tensorboard package, which is not installed: pip install tensorboard")
 
@@ -1601,7 +1611,8 @@ def start_notes(cfg: Config, train_set: ImageSet, eval_set: ImageSet | None, say
     if eval_set is not None and voters is not None and len(voters.labels.unique()) < 2:
         say(one_class_warning(voters.classes))
     if train_set.unreadable:
-        say(f"warning: {len(train_set.unreadable)} unreadable image(s) left out (named in "
+        say(f"warning: {len(train_set.unreadable)} unreadable image(s) left out (empty, damaged, "
+            f"not a regular file or over {data.IMAGE_MAX_BYTES // 2 ** 20} MiB; named in "
             f"log.jsonl): {', '.join(train_set.unreadable[:5])}"
             + (" ..." if len(train_set.unreadable) > 5 else ""))
     for flag, what in (("warmup_epochs", "the learning rate never reaches its peak"),

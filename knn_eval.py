@@ -421,8 +421,9 @@ def add_command_flags(parser):
                                                             "ViT's init with --random_init)")
 
 
-FLAG_RULES = dict(share="(0,1)", k=">=1", temperature=">0", batch_size=">=1", chunk_size=">=1", image_size=">=0",
-                  n_last_blocks=">=1", epochs=">=1", lr=">0", probe_batch_size=">=1")
+FLAG_RULES = dict(share="(0,1)", k=">=1", temperature=">0", batch_size=">=1", chunk_size=">=1", image_size="side>=0",
+                  n_last_blocks=">=1", epochs=">=1", lr=">0", probe_batch_size=">=1", seed="seed")
+RAW_PIXELS_MAX_SIDE = 256  # raw-pixel features are 3 x side^2 floats an image: 786 kB at 256 px
 
 
 def validate(args):
@@ -431,6 +432,10 @@ def validate(args):
         if getattr(args, name) is not None:  # None: a default that depends on the command
             data.check_flag(name, getattr(args, name), rule)
     data.resolve_device(args.device)
+    require(not args.raw_pixels or args.image_size <= RAW_PIXELS_MAX_SIDE,
+            f"--image_size {args.image_size} makes raw-pixel features of 3x{args.image_size}x"
+            f"{args.image_size} floats an image; with --raw_pixels it may be at most "
+            f"{RAW_PIXELS_MAX_SIDE} px")
     require(not (args.embed and args.export), "--embed and --export are two commands; give one")
     command = "--embed" if args.embed else "--export" if args.export else None
     if command:
@@ -459,9 +464,10 @@ def load_weights(args) -> vit.VisionTransformer:
         backbone = vit.untrained_like(backbone, args.seed)
     require(args.n_last_blocks <= len(backbone.blocks), f"--n_last_blocks {args.n_last_blocks} "
             f"exceeds the {len(backbone.blocks)} blocks of the ViT")
-    require((args.image_size or backbone.img_size) % backbone.patch_size == 0,
-            f"--image_size {args.image_size or backbone.img_size} is not a multiple of the patch "
-            f"size {backbone.patch_size}")
+    size = args.image_size or backbone.img_size
+    require(size % backbone.patch_size == 0,
+            f"--image_size {size} is not a multiple of the patch size {backbone.patch_size}")
+    data.check_patches(size, size, backbone.patch_size, f"--image_size {size}: a view of", "lower it")
     return backbone
 
 
@@ -592,10 +598,40 @@ def read_features(path, need_probe):
     require(not need_probe or "train_probe" in features,
             f"{path} was saved without --linear, so it holds no probe features; extract them "
             f"again with --linear --save_features")
+    check_features(features, path)
     for key in ("train_features", "test_features", "train_probe", "test_probe"):
         if key in features:
             require_finite(features[key], f"the {key} of {path}")
     return features
+
+
+def check_features(features: dict, path):
+    """One-line errors for a features file whose parts do not fit together, before the k-NN: each
+    split's (N, D) features and N labels, one D for both splits, labels among the classes."""
+    classes = features["classes"]
+    require(isinstance(classes, list) and len(classes) >= 1, f"{path}: 'classes' is not a list of "
+                                                             f"class names; extract the features again")
+    dims = {}
+    for kind in ("features", "probe"):
+        for split in ("train", "test"):
+            x, y = features.get(f"{split}_{kind}"), features[f"{split}_labels"]
+            if kind == "probe" and x is None:
+                continue
+            require(isinstance(x, torch.Tensor) and x.ndim == 2 and x.is_floating_point() and len(x) >= 1,
+                    f"{path}: {split}_{kind} is not an (N, D) tensor of floats; extract the features again")
+            require(isinstance(y, torch.Tensor) and y.ndim == 1 and not y.is_floating_point()
+                    and y.dtype != torch.bool and len(y) == len(x),
+                    f"{path}: {split}_labels is not one whole-number label for each of the {len(x)} "
+                    f"rows of {split}_{kind}; extract the features again")
+            bad = y[(y < 0) | (y >= len(classes))][:1].tolist()
+            require(not bad, f"{path}: {split}_labels holds the label {bad[0] if bad else None}, beyond "
+                             f"the {len(classes)} classes it names (labels run from 0 to "
+                             f"{len(classes) - 1}); extract the features again")
+            dims.setdefault(kind, {})[split] = x.shape[1]
+        if kind in dims:
+            require(len(set(dims[kind].values())) == 1,
+                    f"{path}: the training {kind} are {dims[kind]['train']}-d, the test {kind} "
+                    f"{dims[kind]['test']}-d; both splits must come from one network")
 
 
 def report_knn(args, features: dict, device, log) -> tuple[dict, list]:

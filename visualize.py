@@ -48,8 +48,10 @@ def read_image(path) -> torch.Tensor:
     """An image file as (3, H, W) uint8."""
     from torchvision.transforms.v2.functional import pil_to_tensor
     path = Path(path)
-    if not path.is_file():
-        raise DinoError(f"image {path} does not exist or is not a file")
+    try:
+        data.regular_file(path, "image", data.IMAGE_MAX_BYTES)  # refused, not skipped: named once
+    except OSError:
+        raise DinoError(f"image {path} does not exist or is not a file") from None
     image = data.read_rgb(path)
     if image is None:
         raise DinoError(f"image {path} could not be read (not an image, or damaged)")
@@ -72,13 +74,16 @@ def sample_set(n: int, size: int, name: str = "shapes") -> data.ImageSet:
 def fit_to_patches(image: torch.Tensor, patch: int, size: int | None = None) -> torch.Tensor:
     """Resize (3, H, W) uint8 so its shorter side is `size` (None: keep), then centre-crop both
     sides down to a multiple of the patch size; returns a (3, H', W') float image in [0, 1]."""
-    x = image.float() / 255
-    if size is not None and min(x.shape[-2:]) != size:
-        H, W = x.shape[-2:]
+    H, W = image.shape[-2:]
+    if size is not None and min(H, W) != size:
         scale = size / min(H, W)
-        x = F.interpolate(x[None], size=(max(1, round(H * scale)), max(1, round(W * scale))),
-                          mode="bicubic", antialias=True)[0].clamp(0, 1)
-    H, W = x.shape[-2:]
+        H, W = max(1, round(H * scale)), max(1, round(W * scale))
+    data.check_patches(H, W, patch, f"an image of {image.shape[-1]}x{image.shape[-2]} px, resized "
+                       f"to a shorter side of {min(H, W)} px:", "crop it nearer to a "
+                       "square, or lower --image_size")  # before resizing: the sequence sizes memory
+    x = image.float() / 255
+    if (H, W) != tuple(image.shape[-2:]):
+        x = F.interpolate(x[None], size=(H, W), mode="bicubic", antialias=True)[0].clamp(0, 1)
     h, w = H // patch * patch, W // patch * patch
     if h == 0 or w == 0:
         raise DinoError(f"an image of {H}x{W} px is smaller than one {patch} px patch")
@@ -219,7 +224,9 @@ def read_log(run_dir, name: str = "log.jsonl", required: bool = True) -> list[di
     file that is not required may be missing (runs from before step records). A last line that
     is not JSON (cut short by a kill) is left out; any other is an error."""
     path = Path(run_dir) / name
-    if not path.is_file():
+    try:
+        data.regular_file(path, "log")  # a named pipe would block read_text() forever
+    except OSError:
         require(not required, f"{path} does not exist; --run takes the --output_dir of a dino.py run")
         return []
     records = []
@@ -423,14 +430,13 @@ def run_attention(args):
     if args.image:
         masks = [data.read_mask(m) for m in args.mask] if args.mask else [None] * len(args.image)
         images = [(Path(f).stem, read_image(f), m) for f, m in zip(args.image, masks)]
+        for f, m, (_, image, mask) in zip(args.image, args.mask or [], images):  # as data.with_masks
+            data.require_mask_fits(m, mask.shape[::-1], f, image.shape[:-3:-1])
     else:
         sample = sample_set(1, size, built_in_of(args))
         images = [("sample", sample.images[0], None if sample.masks is None else sample.masks[0])]
     written = []
     for stem, image, mask in images:
-        if mask is not None:
-            require(mask.shape == image.shape[-2:], f"the mask of {stem} is {tuple(mask.shape)} px, "
-                                                    f"its image {tuple(image.shape[-2:])}")
         path = out / f"attention_{stem}.png"
         attention_figure(backbone, image, args.share, size, path=path, mask=mask)
         written.append(path)
@@ -561,10 +567,14 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    rules = dict(samples=">=1", share="(0,1)", image_size=">=0", num_heads=">=1", index=">=0")
+    rules = dict(samples="panels", share="(0,1)", image_size="side>=0", num_heads=">=1", index=">=0",
+                 seed="seed")
     for name, rule in rules.items():  # data.RULES, as dino.py's and knn_eval.py's flags use
         if getattr(args, name, None) is not None:
             data.check_flag(name, getattr(args, name), rule)
+    images = getattr(args, "image", None)
+    require(not isinstance(images, list) or len(images) <= 64,  # as --samples: "panels"
+            f"{len(images or [])} --image files given; at most 64 (a figure panel or a PNG each)")
     if getattr(args, "out", None):  # before any model or data is loaded
         data.writable_folder(args.out, "--out")
     run = {"attention": run_attention, "pca": run_pca, "curves": run_curves, "views": run_views,
