@@ -1649,8 +1649,8 @@ def run(cfg: Config, say) -> int:
             if not trainer.saved_on_stop:  # a second Ctrl-C, or one before the first step
                 say(f"\nstopped; the last checkpoint is {trainer.checkpoint_path}: run the same "
                     f"command to resume" if trainer.last_saved is not None else
-                    f"\nstopped before any checkpoint was written: the same command starts the "
-                    f"run afresh")
+                    "\nstopped before any checkpoint was written: the same command starts the "
+                    "run afresh")
             return 130
     if eval_set is not None:
         last = trainer.history[-1] if trainer.history else {}
