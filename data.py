@@ -226,7 +226,7 @@ class ImageSet:
     images: torch.Tensor | None = None    # (N, 3, H, W) uint8, when held in memory
     files: list | None = None             # paths, when read from a folder (kept when held in memory)
     unreadable: list = field(default_factory=list)  # files that could not be read
-    masks: torch.Tensor | None = None     # (N, H, W) bool, True on the foreground, when known and in memory
+    masks: torch.Tensor | None = None     # (N, H, W) bool (True: object) or read_labels maps, in memory
     mask_files: list | None = None        # one mask file per image file (MASKS_FOLDER), when known
 
     def __len__(self):
@@ -658,6 +658,16 @@ def with_masks(split: ImageSet, root: Path) -> ImageSet:
     return dataclasses.replace(split, mask_files=[str(p) for p in paths])
 
 
+def masked_images(path: str) -> ImageSet | None:
+    """Every image of a folder (any depth) whose ROOT/masks/ holds a mask for each: the
+    segmentation measures' images where there are no labels; None for other data."""
+    _, kind, root = locate(path)
+    if kind != "images" or not (root / MASKS_FOLDER).is_dir():
+        return None
+    masked = with_masks(scan_images(root, (root / MASKS_FOLDER,)), root)
+    return hold_in_memory(masked) if masked.mask_files is not None else None
+
+
 def require_mask_fits(mask, mask_size: tuple, image, image_size: tuple):
     """The one check of a mask against its image, for masks in memory and as files alike;
     sizes as (width, height), the image's as read_rgb turns it upright."""
@@ -666,14 +676,29 @@ def require_mask_fits(mask, mask_size: tuple, image, image_size: tuple):
             f"{image_size[0]}x{image_size[1]} px; a mask must have its image's size")
 
 
-def read_mask(path) -> torch.Tensor:
-    """A mask file as (H, W) bool: nonzero (in any channel) = foreground."""
+VOID = 255  # in a palette mask, pixels scored by no measure (PASCAL VOC's object outlines)
+
+
+def read_labels(path) -> torch.Tensor:
+    """A mask file as an (H, W) uint8 label map: 0 background, 1 … 254 one object each, VOID
+    not scored. A palette PNG (PASCAL VOC's class or instance masks) gives its palette indices,
+    one object per index; any other image (binary, grayscale, RGB) is one object: nonzero in
+    any channel."""
     try:
         with open_image(path) as im:
+            palette = im.mode == "P"
             m = torch.as_tensor(np.array(im))
     except UNREADABLE:
         raise DinoError(f"mask {path} could not be read as an image; replace it") from None
-    return m.reshape(*m.shape[:2], -1).ne(0).any(-1)
+    if palette:
+        return m.to(torch.uint8)
+    return m.reshape(*m.shape[:2], -1).ne(0).any(-1).to(torch.uint8)
+
+
+def read_mask(path) -> torch.Tensor:
+    """A mask file as (H, W) bool: every object's pixels (read_labels > 0, VOID left out)."""
+    labels = read_labels(path)
+    return (labels > 0) & (labels != VOID)
 
 
 def hold_in_memory(data: ImageSet, max_side: int = 64, max_bytes: int = 4 * 2 ** 30,
@@ -696,7 +721,7 @@ def hold_in_memory(data: ImageSet, max_side: int = 64, max_bytes: int = 4 * 2 **
     keep = [i for i, im in enumerate(images) if im is not None]
     masks = None
     if data.mask_files is not None:
-        masks = [read_mask(data.mask_files[i]) for i in keep]
+        masks = [read_labels(data.mask_files[i]) for i in keep]
         for i, m in zip(keep, masks):
             require_mask_fits(data.mask_files[i], m.shape[::-1], data.files[i], images[i].size)
         masks = torch.stack(masks)  # (n, H, W)
@@ -862,13 +887,14 @@ def eval_batches(data: ImageSet, size: int, batch_size: int = 256):
 
 def mask_batches(data: ImageSet, size: int, batch_size: int = 256):
     """(images, masks) batches: the centre views of eval_batches and their ground-truth masks
-    (B, size, size) bool, cut and resized as the images are (nearest neighbour: a mask stays 0/1).
-    Needs data.masks (in memory) or data.mask_files; unreadable images are left out."""
+    (B, size, size), bool or label maps (read_labels), cut and resized as the images are
+    (nearest neighbour: labels stay labels). Needs data.masks (in memory) or data.mask_files;
+    unreadable images are left out."""
     if data.images is not None:
         for (x, _), start in zip(eval_batches(data, size, batch_size), range(0, len(data), batch_size)):
             m = data.masks[start:start + batch_size]  # (B, H, W)
             if m.shape[-2:] != (size, size):
-                m = F.interpolate(m[:, None].float(), size=(size, size), mode="nearest")[:, 0] > 0.5
+                m = F.interpolate(m[:, None].float(), size=(size, size), mode="nearest")[:, 0].to(m.dtype)
             yield x, m
         return
     resize = round(size * 256 / 224) if size >= 96 else size  # as eval_batches
@@ -876,7 +902,7 @@ def mask_batches(data: ImageSet, size: int, batch_size: int = 256):
                               transforms.CenterCrop(size)])
     numbered = dataclasses.replace(data, labels=torch.arange(len(data)))
     for x, index in eval_batches(numbered, size, batch_size):
-        yield x, torch.stack([cut(read_mask(data.mask_files[i])[None])[0] for i in index.tolist()])
+        yield x, torch.stack([cut(read_labels(data.mask_files[i])[None])[0] for i in index.tolist()])
 
 
 class _EvalFolder(torch.utils.data.Dataset):

@@ -310,41 +310,109 @@ def jaccard(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
+def auroc(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Area under the ROC curve of scores (..., n) for the positions `positive` (n,) bool: the
+    chance that a positive outscores a negative, a tie counting one half (Mann-Whitney); 0.5 is
+    chance whatever the share of positives; NaN where there are no positives or no negatives."""
+    n_pos, n = int(positive.sum()), positive.numel()
+    if n_pos in (0, n):
+        return torch.full(scores.shape[:-1], math.nan)
+    ordered = scores.sort(dim=-1).values.contiguous()
+    s = scores.contiguous()
+    # average 1-based rank of each score, ties sharing the mean of their ranks
+    ranks = (torch.searchsorted(ordered, s, right=False) + torch.searchsorted(ordered, s, right=True) + 1) / 2
+    # $$\mathrm{AUROC} = \frac{\sum_{i \in P} r_i - |P|(|P| + 1)/2}{|P|\,|N|}$$
+    return (ranks[..., positive].double().sum(-1) - n_pos * (n_pos + 1) / 2) / (n_pos * (n - n_pos))
+
+
 @torch.no_grad()
-def attention_jaccard(backbone, batches, share: float = 0.6, device="cpu") -> torch.Tensor:
-    """(N, heads) Jaccard of each image's attention masks, one per head, with its ground truth.
+def attention_segmentation(backbone, batches, share: float = 0.6, device="cpu") -> dict:
+    """The last block's [CLS] → patch attention of each head against the ground truth.
 
-    batches: (images, masks) as data.mask_batches gives them, images normalised (B, 3, H, W)
-    with H, W multiples of the patch size, masks (B, H, W) bool. Per image and head: the last
-    block's [CLS] → patch attention, attention_mask(share) on the patch grid, upsampled to pixels
-    by the patch size, Jaccard with the mask. An image without foreground scores 0 (an attention
-    mask is never empty); an image that is all foreground scores the share of the frame its
-    attention mask covers.
+    batches: (images, labels) as data.mask_batches gives them: images normalised (B, 3, H, W),
+    H and W multiples of the patch size; labels (B, H, W) integer label maps, 0 background,
+    1 … 254 one object each, data.VOID not scored (bool masks are one object). Returns
+      jaccard (M, heads): per object, the Jaccard of each head's attention mask (attention_mask
+          at `share`, upsampled to pixels) with the object's pixels, VOID pixels left out of both;
+      image (M,): the image of each object row;
+      auroc (N, heads): per image, the AUROC of the attention as a score for "this patch is
+          object" (at least half its pixels belong to an object);
+      mass_ratio (N, heads): per image, the attention mass on object pixels over the objects'
+          share of the frame (each patch's mass spread over its pixels): 1.0 for uniform attention.
+    Images without objects get no Jaccard row and NaN AUROC and mass ratio.
     """
-    p, out = backbone.patch_size, []
-    for x, masks in batches:
+    p, out = backbone.patch_size, {"jaccard": [], "image": [], "auroc": [], "mass_ratio": []}
+    seen = 0
+    for x, labels in batches:
         attn = backbone.get_last_selfattention(x.to(device))  # (B, heads, 1 + gh·gw, 1 + gh·gw)
-        cls_to_patches = attn[:, :, 0, 1:].float()  # (B, heads, gh·gw): drop [CLS] → [CLS]
-        keep = rearrange(attention_mask(cls_to_patches, share), "b h (gh gw) -> b h gh gw",
-                         gh=x.shape[-2] // p)
-        out.append(jaccard(upsample(keep, p).cpu(), masks[:, None].cpu()))  # (B, heads)
-    return torch.cat(out)
+        a = attn[:, :, 0, 1:].float().cpu()  # (B, heads, gh·gw): drop [CLS] → [CLS]
+        a = a / a.sum(-1, keepdim=True).clamp_min(1e-30)
+        gh = x.shape[-2] // p
+        keep = upsample(rearrange(attention_mask(a, share), "b h (gh gw) -> b h gh gw", gh=gh), p)
+        labels = labels.cpu().long()
+        for i in range(len(x)):
+            scored = labels[i] != data.VOID  # (H, W)
+            objects = [k for k in labels[i].unique().tolist() if k not in (0, data.VOID)]
+            for k in objects:
+                truth = labels[i] == k
+                out["jaccard"].append(jaccard(keep[i] & scored, truth[None]))  # (heads,)
+                out["image"].append(seen + i)
+            on_object = ((labels[i] > 0) & scored).float()  # (H, W)
+            # each patch's share of object pixels, (gh·gw,)
+            share_p = rearrange(F.avg_pool2d(on_object[None, None], p), "1 1 gh gw -> (gh gw)")
+            out["auroc"].append(auroc(a[i], share_p >= 0.5))
+            frame = share_p.mean()
+            # $$\rho = \frac{\sum_j a_j s_j}{\frac{1}{n}\sum_j s_j}$$, s_j the object share of patch j
+            out["mass_ratio"].append((a[i] * share_p).sum(-1) / frame if frame > 0
+                                     else torch.full((a.shape[1],), math.nan))
+        seen += len(x)
+    return {"jaccard": torch.stack(out["jaccard"]) if out["jaccard"] else torch.zeros(0, 0),
+            "image": torch.tensor(out["image"], dtype=torch.long),
+            "auroc": torch.stack(out["auroc"]), "mass_ratio": torch.stack(out["mass_ratio"])}
 
 
-def jaccard_report(per_image: torch.Tensor, share: float = 0.6) -> tuple[list, str]:
-    """(log lines, headline) of the (N, heads) Jaccards: the mean over the images of each head,
-    the best head's (the headline: the paper shows the best head of each model in Figure 4) and
-    the mean over heads."""
-    per_head = per_image.mean(0)  # (heads,)
-    best = int(per_head.argmax())
+def per_image_mean(rows: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """The mean of the rows (M, ...) of each image, over the images that have rows: (N', ...)."""
+    images = image.unique()
+    return torch.stack([rows[image == i].mean(0) for i in images])
+
+
+def segmentation_report(measures: dict, share: float = 0.6) -> list[str]:
+    """The log lines of attention_segmentation's measures: a sentence, then machine lines.
+
+    jaccard@60: the paper's protocol (Caron et al., Figure 4; the first author's description in
+    facebookresearch/dino issue #54): for each object the head whose mask fits it best, the mean
+    over the objects of an image, then over the images. jaccard@60_fixed_head: one head for the
+    whole split (the best mean); jaccard@60_mean_heads: the mean over heads. attention_auroc: the
+    best head of each image, averaged (_fixed_head, _mean_heads likewise). attention_mass_ratio:
+    the best head of each image, averaged (1.0: the head looks at the object no more than at the
+    rest of the frame)."""
     pct = round(100 * share)
-    lines = [f"attention masks keeping {pct} % of the last block's [CLS] mass against the ground "
-             f"truth, {len(per_image)} images: Jaccard per head "
-             + " ".join(f"{v:.3f}" for v in per_head.tolist())
-             + f"; best head ({best + 1}) {per_head[best]:.3f}, mean over heads {per_head.mean():.3f}",
-             f"jaccard@{pct}={per_head[best]:.3f}",
-             f"jaccard@{pct}_mean_heads={per_head.mean():.3f}"]
-    return lines, f"{per_head[best]:.3f}"
+    J, image = measures["jaccard"], measures["image"]
+    if len(J) == 0:
+        return ["no image of the evaluation split holds an object in its mask: no segmentation measure"]
+    paper = per_image_mean(J.max(dim=1).values, image).mean()
+    per_head = per_image_mean(J, image).mean(0)  # (heads,)
+    best = int(per_head.argmax())
+    A, R = measures["auroc"], measures["mass_ratio"]
+    scored = ~A.isnan().any(1)
+    A_best, A_head = A[scored].max(1).values.mean(), A[scored].mean(0)
+    R_best, R_head = R[~R.isnan().any(1)].max(1).values.mean(), R[~R.isnan().any(1)].mean(0)
+    fmt = lambda t: " ".join(f"{v:.3f}" for v in t.tolist())  # noqa: E731
+    return [
+        f"attention against the ground truth, {int(image.unique().numel())} images with {len(J)} "
+        f"object(s): Jaccard of the {pct} % masks, best head per object (the paper's protocol) "
+        f"{paper:.3f}; per head {fmt(per_head)} (fixed best head {best + 1}: {per_head[best]:.3f}, "
+        f"mean {per_head.mean():.3f}); AUROC of the attention for 'patch is object' (0.5: chance), "
+        f"best head per image {A_best:.3f}, per head {fmt(A_head)}; mass on the object / its share "
+        f"of the frame (1.0: uniform), best head per image {R_best:.3f}, per head {fmt(R_head)}",
+        f"jaccard@{pct}={paper:.3f}",
+        f"jaccard@{pct}_fixed_head={per_head[best]:.3f}",
+        f"jaccard@{pct}_mean_heads={per_head.mean():.3f}",
+        f"attention_auroc={A_best:.3f}",
+        f"attention_auroc_fixed_head={A_head.max():.3f}",
+        f"attention_mass_ratio={R_best:.3f}",
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -483,9 +551,14 @@ def compute_features(args, device, log):
         backbone = load_weights(args)
         train_size = backbone.img_size
     name, train_set, eval_set = data.load_data(args.data)
+    if not data.has_labels(train_set) and not args.raw_pixels and not args.linear:
+        masked = data.masked_images(args.data)
+        if masked is not None:  # the segmentation measures alone
+            return segmentation_only(args, backbone, masked, name, device, log)
     require(data.has_labels(train_set), f"{args.data} has no labels (no train/<class>/ folders), "
             f"so the k-NN has nothing to vote with; `python knn_eval.py --embed {args.data} "
-            f"--checkpoint ...` writes the features of its images")
+            f"--checkpoint ...` writes the features of its images (and with masks under "
+            f"{args.data}/{data.MASKS_FOLDER}/ this command measures the attention against them)")
     require(eval_set is not None, f"{args.data} has no evaluation split (a val/ or test/ folder "
                                   f"beside train/); the k-NN needs one")
     classes = list(train_set.classes)
@@ -523,9 +596,20 @@ def compute_features(args, device, log):
         pooled = " + mean patch token" if args.avgpool else ""
         out["probe_input"] = f"[CLS] of the last {n} block(s){pooled}"
     if eval_set.masks is not None or eval_set.mask_files is not None:  # the paper's Jaccard
-        out["jaccard"] = attention_jaccard(backbone, data.mask_batches(eval_set, size, args.batch_size),
-                                           args.share, device)
+        out["segmentation"] = attention_segmentation(
+            backbone, data.mask_batches(eval_set, size, args.batch_size), args.share, device)
     return dict(out, classes=classes, source=source, data=name)
+
+
+def segmentation_only(args, backbone, masked, name, device, log) -> dict:
+    """A folder of images with masks and no labels: attention_segmentation on every image."""
+    size = args.image_size or backbone.img_size
+    source = describe_source(args, backbone, size)
+    log(f"{source} on {name}: no labels, so no k-NN; the attention of {len(masked)} images against "
+        f"their masks")
+    batches = data.mask_batches(masked, size, args.batch_size)
+    return dict(segmentation=attention_segmentation(backbone.to(device).eval(), batches, args.share, device),
+                source=source, data=name)
 
 
 def embed(args, device, log):
@@ -698,11 +782,15 @@ def main(argv=None, log=print):
             log(f"features saved to {args.save_features}")
     t_features = time.time() - started
 
+    seg_lines = segmentation_report(features["segmentation"], args.share) if "segmentation" in features else []
+    if "train_features" not in features:  # images with masks and no labels: no k-NN to run
+        for line in seg_lines:
+            log(line)
+        return 0
     t0 = time.time()
     results, _ = report_knn(args, features, device, log)
     t_knn = time.time() - t0
-    jaccard_lines = jaccard_report(features["jaccard"], args.share)[0] if "jaccard" in features else []
-    for line in jaccard_lines[:1]:
+    for line in seg_lines[:1]:
         log(line)
     t0 = time.time()
     top1 = report_probe(args, features, device, log) if args.linear else None
@@ -715,7 +803,7 @@ def main(argv=None, log=print):
         log(f"linear top1={top1:.2f}")
     k = min(20 if 20 in args.k else args.k[0], len(features["train_labels"]))  # the headline k, as run
     log(f"knn top1@{k}={results[k][0]:.2f}")
-    for line in jaccard_lines[1:]:
+    for line in seg_lines[1:]:
         log(line)
     return 0
 

@@ -83,21 +83,24 @@ def test_jaccard_against_brute_force_on_hand_made_maps():
     ]
     masks = torch.tensor(truths, dtype=torch.bool)  # (3, 4, 6)
     x = torch.zeros(3, 3, gh * patch, gw * patch)
-    got = knn_eval.attention_jaccard(FixedAttention(rows, patch), [(x, masks)], share=0.6)
-    assert got.shape == (3, 2)
-    for i in range(3):
+    measures = knn_eval.attention_segmentation(FixedAttention(rows, patch), [(x, masks)], share=0.6)
+    got, image = measures["jaccard"], measures["image"]
+    assert got.shape == (2, 2) and image.tolist() == [0, 2]  # image 1 holds no object: no row
+    for row, i in enumerate(image.tolist()):
         for h in range(2):
             kept = brute_force_mask(rows[i, h].tolist(), 0.6)
             expected = brute_force_jaccard(kept, gw, patch, truths[i])
-            assert got[i, h].item() == pytest.approx(expected), (i, h)
+            assert got[row, h].item() == pytest.approx(expected), (i, h)
     # by hand: image 0, head 0 keeps patches 1, 2, 3 (the tied 0.2s and 0.5): 12 px against the
-    # truth's 10, 2 shared → 2 / 20; an empty truth scores 0; a full one the share of the frame
-    # kept: 0.3 and 0.35 (2 of 6 patches), then the tie of four 0.2s kept whole (4 of 6; the
-    # authors' sort would keep 3 of them, in an order of its choosing)
+    # truth's 10, 2 shared → 2 / 20; a full truth scores the share of the frame kept: 0.3 and
+    # 0.35 (2 of 6 patches), then the tie of four 0.2s kept whole (4 of 6; the authors' sort would
+    # keep 3 of them, in an order of its choosing)
     assert got[0, 0].item() == pytest.approx(2 / 20)
-    assert got[1].tolist() == [0.0, 0.0]
-    assert got[2, 0].item() == pytest.approx(2 / 6)
-    assert got[2, 1].item() == pytest.approx(4 / 6)
+    assert got[1, 0].item() == pytest.approx(2 / 6)
+    assert got[1, 1].item() == pytest.approx(4 / 6)
+    # the image without objects has no AUROC and no mass ratio; a whole-frame object neither
+    assert measures["auroc"][1].isnan().all() and measures["mass_ratio"][1].isnan().all()
+    assert measures["auroc"][2].isnan().all()
 
 
 def test_jaccard_of_empty_and_full_masks():
@@ -109,12 +112,18 @@ def test_jaccard_of_empty_and_full_masks():
     assert knn_eval.jaccard(half, full).item() == 0.5
 
 
-def test_report_headline_is_the_best_head():
-    per_image = torch.tensor([[0.2, 0.6, 0.4], [0.4, 0.8, 0.0]])
-    lines, headline = knn_eval.jaccard_report(per_image)
-    assert headline == "0.700"
+def test_report_headline_is_the_papers_protocol():
+    """Per object the best head, then the images' mean: 0.6 and 0.8 → 0.7; one fixed head (2)
+    scores the same here, the mean of heads 0.4."""
+    measures = {"jaccard": torch.tensor([[0.2, 0.6, 0.4], [0.4, 0.8, 0.0]]), "image": torch.tensor([0, 1]),
+                "auroc": torch.tensor([[0.5, 0.9, 0.6], [0.4, 0.7, 0.8]]),
+                "mass_ratio": torch.tensor([[1.0, 2.0, 1.5], [0.5, 1.0, 3.0]])}
+    lines = knn_eval.segmentation_report(measures)
     assert "jaccard@60=0.700" in lines and "jaccard@60_mean_heads=0.400" in lines
-    assert "best head (2) 0.700" in lines[0]
+    assert "jaccard@60_fixed_head=0.700" in lines and "fixed best head 2: 0.700" in lines[0]
+    # AUROC: best head per image 0.9 and 0.8 → 0.85; best fixed head (2: 0.8, or 3: 0.7) 0.8
+    assert "attention_auroc=0.850" in lines and "attention_auroc_fixed_head=0.800" in lines
+    assert "attention_mass_ratio=2.500" in lines
 
 
 # -- the data set --------------------------------------------------------------------------------
@@ -203,9 +212,11 @@ def test_knn_eval_prints_the_jaccard_where_the_split_has_masks(run_checkpoint, m
     # the same number from the functions themselves
     backbone = checkpoint.load_backbone(run_checkpoint)
     _, _, evaluation = data.load_data("objects")
-    per_image = knn_eval.attention_jaccard(backbone, data.mask_batches(evaluation, backbone.img_size))
-    assert value == pytest.approx(per_image.mean(0).max().item(), abs=5e-4)
-    assert any(line.startswith("attention masks keeping 60 %") for line in lines)
+    measures = knn_eval.attention_segmentation(backbone, data.mask_batches(evaluation, backbone.img_size))
+    # one object per image: the best head of each image, averaged over the images
+    assert value == pytest.approx(measures["jaccard"].max(1).values.mean().item(), abs=5e-4)
+    assert any(line.startswith("attention against the ground truth, 100 images") for line in lines)
+    assert any(re.fullmatch(r"attention_auroc=\d\.\d{3}", line) for line in lines)
     # shapes has no masks: no Jaccard
     lines = []
     knn_eval.main(["--checkpoint", str(run_checkpoint), "--data", "shapes", "--device", "cpu"],
@@ -281,3 +292,128 @@ def test_supervised_baseline_trains_the_backbone_with_labels_and_leaves_the_dino
     # the teacher is a copy of the trained student: knn_eval and visualize read it as a run's teacher
     teacher = checkpoint.load_backbone(tmp_path / "checkpoint.pth")
     assert all(torch.equal(v, trainer.student.backbone.state_dict()[k]) for k, v in teacher.state_dict().items())
+
+
+# -- the paper's protocol, AUROC and mass ratio, brute force --------------------------------------
+
+def brute_force_auroc(scores, positive):
+    """Count every (positive, negative) pair: 1 where the positive scores higher, 1/2 on a tie."""
+    pos = [s for s, q in zip(scores, positive) if q]
+    neg = [s for s, q in zip(scores, positive) if not q]
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg) / (len(pos) * len(neg))
+
+
+def test_auroc_against_a_pairwise_count():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        n = int(torch.randint(2, 30, (1,), generator=generator))
+        scores = torch.randint(0, 5, (3, n), generator=generator).float()  # few values: many ties
+        positive = torch.rand(n, generator=generator) < 0.4
+        if positive.all() or not positive.any():
+            assert knn_eval.auroc(scores, positive).isnan().all()
+            continue
+        got = knn_eval.auroc(scores, positive)
+        for h in range(3):
+            assert got[h].item() == pytest.approx(brute_force_auroc(scores[h].tolist(), positive.tolist()))
+    # by hand: positives 3, 1 against negatives 2, 1: (1 + 1) + (0 + 0.5) of 4 pairs
+    assert knn_eval.auroc(torch.tensor([3.0, 1, 2, 1]), torch.tensor([1, 1, 0, 0]).bool()).item() == 0.625
+
+
+def brute_force_protocol(rows, labels, patch, grid_w, share=0.6):
+    """The paper's protocol from its words, over lists: for each image and each object in it, the
+    best head's Jaccard; the mean over an image's objects, then over images. Also the fixed best
+    head (one head for every image) and the mean over heads."""
+    per_image_best, per_image_heads = [], []
+    for i, truth in enumerate(labels):
+        objects = sorted({v for row in truth for v in row} - {0, 255})
+        if not objects:
+            continue
+        heads = len(rows[i])
+        J = [[0.0] * heads for _ in objects]
+        for h in range(heads):
+            kept = brute_force_mask(rows[i][h], share)
+            for o, k in enumerate(objects):
+                inter = union = 0
+                for r, row in enumerate(truth):
+                    for c, t in enumerate(row):
+                        if t == 255:
+                            continue
+                        a = kept[(r // patch) * grid_w + c // patch]
+                        inter += a and t == k
+                        union += a or t == k
+                J[o][h] = 1.0 if union == 0 else inter / union
+        per_image_best.append(sum(max(row) for row in J) / len(J))
+        per_image_heads.append([sum(row[h] for row in J) / len(J) for h in range(heads)])
+    per_head = [sum(img[h] for img in per_image_heads) / len(per_image_heads) for h in range(heads)]
+    return sum(per_image_best) / len(per_image_best), max(per_head), sum(per_head) / heads
+
+
+def test_the_papers_protocol_against_brute_force():
+    """Two images, three heads, several objects: the best head differs per image (head 0 fits
+    image 0, head 2 image 1), so the per-object best beats any fixed head; ties at the 60 %
+    boundary are kept whole; VOID pixels are scored by no one; an image without objects is left out."""
+    patch, gh, gw = 2, 2, 3
+    rows = torch.tensor([
+        [[0.3, 0.3, 0.1, 0.1, 0.1, 0.1],     # head 0 on the top-left object
+         [0.1, 0.1, 0.1, 0.2, 0.2, 0.3],     # a tie of two 0.2 at the boundary
+         [1, 1, 1, 1, 1, 1.0]],              # uniform
+        [[0.5, 0.1, 0.1, 0.1, 0.1, 0.1],
+         [0.1, 0.1, 0.4, 0.1, 0.2, 0.1],
+         [0.0, 0.0, 0.0, 0.1, 0.45, 0.45]],  # head 2 on the bottom-right object
+        [[0.2, 0.2, 0.2, 0.2, 0.1, 0.1]] * 3,
+    ])
+    labels = [
+        [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 2, 2], [0, 0, 0, 0, 2, 2]],
+        [[0, 0, 0, 0, 0, 0], [255, 0, 0, 0, 0, 0], [0, 0, 3, 3, 3, 3], [0, 0, 3, 3, 3, 3]],
+        [[0] * 6] * 4,                       # no object: left out
+    ]
+    x = torch.zeros(3, 3, gh * patch, gw * patch)
+    measures = knn_eval.attention_segmentation(FixedAttention(rows, patch), [(x, torch.tensor(labels))])
+    assert measures["jaccard"].shape == (3, 3) and measures["image"].tolist() == [0, 0, 1]
+    paper, fixed, mean = brute_force_protocol(rows.tolist(), labels, patch, gw)
+    lines = knn_eval.segmentation_report(measures)
+    assert f"jaccard@60={paper:.3f}" in lines
+    assert f"jaccard@60_fixed_head={fixed:.3f}" in lines and f"jaccard@60_mean_heads={mean:.3f}" in lines
+    assert paper > fixed + 0.05  # the per-image best head is not one head for all
+
+
+def test_auroc_and_mass_ratio_of_hand_made_maps():
+    """A uniform map: AUROC 0.5 and mass ratio 1 at any object size; a map on the object's
+    patches alone: AUROC 1 and mass ratio 1 / (object share)."""
+    patch = 2
+    labels = torch.zeros(1, 4, 6, dtype=torch.long)
+    labels[0, :2, :2] = 1  # one patch of six
+    for on_object, auc, ratio in (([1.0] * 6, 0.5, 1.0), ([1.0, 0, 0, 0, 0, 0], 1.0, 6.0)):
+        rows = torch.tensor([[on_object]])
+        m = knn_eval.attention_segmentation(FixedAttention(rows, patch), [(torch.zeros(1, 3, 4, 6), labels)])
+        assert m["auroc"].item() == pytest.approx(auc) and m["mass_ratio"].item() == pytest.approx(ratio)
+
+
+def test_a_folder_of_photos_with_masks_and_no_labels_is_measured(tmp_path, run_checkpoint):
+    """Images at any depth, ROOT/masks/<path>.png beside them, no labels: knn_eval skips the k-NN
+    and prints the segmentation measures. A palette mask holds two objects and VOID pixels (as
+    PASCAL VOC's): each object is scored on its own, VOID by no one."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "photos"
+    for i, sub in enumerate(["", "a/", "a/b/"]):
+        write_png(root / f"{sub}{i}.png", rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+        m = np.zeros((64, 64), dtype=np.uint8)
+        m[8:40, 8:40] = 255  # binary: one object
+        write_png(root / "masks" / f"{sub}{i}.png", m)
+    palette = np.zeros((64, 64), dtype=np.uint8)
+    palette[0:20, 0:20], palette[40:60, 30:60], palette[20, :] = 1, 2, data.VOID
+    image = Image.fromarray(palette, mode="P")
+    image.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [224, 224, 192] * 253)
+    image.save(root / "masks" / "0.png")  # image 0's mask: two objects and a VOID line
+    labels = data.read_labels(root / "masks" / "0.png")
+    assert sorted(labels.unique().tolist()) == [0, 1, 2, data.VOID]
+    assert data.read_mask(root / "masks" / "0.png").sum() == 20 * 20 + 20 * 30
+    lines = []
+    assert knn_eval.main(["--checkpoint", str(run_checkpoint), "--data", str(root), "--device", "cpu"],
+                         log=lines.append) == 0
+    assert not any(line.startswith("knn top1") for line in lines)
+    assert any("no labels, so no k-NN" in line for line in lines)
+    assert any(line.startswith("attention against the ground truth, 3 images with 4 object(s)")
+               for line in lines)
+    for name in ("jaccard@60", "jaccard@60_fixed_head", "attention_auroc", "attention_mass_ratio"):
+        assert any(re.fullmatch(name + r"=\d+\.\d{3}", line) for line in lines), name
