@@ -10,6 +10,8 @@ object-oriented API (no pyplot), rendered to PNG by the Agg backend: no display 
 
 Run:  python visualize.py attention --checkpoint runs/shapes/checkpoint.pth   (built-in sample)
       python visualize.py attention --pretrained dino_deitsmall16_pretrain.pth --image cat.jpg
+      python visualize.py attention --pretrained dino_deitsmall8_pretrain.pth --image photos/ --heads
+      python visualize.py video --checkpoint runs/shapes/checkpoint.pth --frames clip/ --head 1
       python visualize.py pca --checkpoint runs/shapes/checkpoint.pth
       python visualize.py curves --run runs/shapes
       python visualize.py views                  (or --data ./cifar10 --index 7, or --image cat.jpg)
