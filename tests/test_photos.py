@@ -34,6 +34,16 @@ def save_checkpoint(path: Path, **explicit) -> str:
     return str(path)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Networks this small run fastest on one thread: on a busy 2-core machine the second
+    thread's waits made each forward pass 50 times slower. Restored for the other test files."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return save_checkpoint(tmp_path_factory.mktemp("run") / "checkpoint.pth")
