@@ -617,9 +617,10 @@ def own_samples(args, n: int, size: int) -> list[tuple]:
     chosen = spread(n, len(images))
     which = "its training images: it has no val/ or test/" if split.name == "train" or split == root else split.name
     print(f"drawing {len(chosen)} images of {root} ({which}; the checkpoint's data)")
-    return [(Path(images.files[i]).stem if n > 1 else name, Path(images.files[i]),
-             Path(images.mask_files[i]) if images.mask_files else None)
-            for name, i in zip(names, chosen)]
+    files = [Path(images.files[i]) for i in chosen]
+    names = names if n == 1 else output_names([(f, split) for f in files])  # val/a/1, val/b/1: a-1, b-1
+    return [(name, f, Path(images.mask_files[i]) if images.mask_files else None)
+            for name, f, i in zip(names, files, chosen)]
 
 
 def run_attention(args):
@@ -669,7 +670,8 @@ def run_attention(args):
         attention_figure(backbone, image, args.share, size, path=path, drawn=drawn)
         written.append(path)
         if args.heads:
-            written += head_pngs(drawn, out / name)
+            head_pngs(drawn, out / name)
+            written.append(out / name)  # one line for its PNGs, not 2 · heads + 3
     return written
 
 
