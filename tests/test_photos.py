@@ -110,6 +110,17 @@ def test_the_default_resolution_is_480_px(tmp_path):
         assert im.size == (720, 480)
 
 
+def test_a_long_photo_is_cut_to_the_token_cap_at_the_resolution():
+    photo = torch.zeros(3, 900, 1200, dtype=torch.uint8)  # 480 x 640 at 480 px: 60 x 80 patches of 8
+    cut, _, was_cut = visualize.cut_to_tokens(photo, 8, 480)
+    assert was_cut and visualize.fit_to_patches(cut, 8, 480).shape == (3, 480, 544)  # 60 x 68 ≤ 4096
+    square = torch.zeros(3, 500, 500, dtype=torch.uint8)
+    assert visualize.cut_to_tokens(square, 8, 480)[0] is square
+    with pytest.raises(data.DinoError, match="take --resolution 512 or less"):
+        visualize.resolution_for(8, 1000)
+    assert visualize.resolution_for(4, 0)[0] == 256  # 480 px of 4 px patches: 120 x 120, too many
+
+
 def write_cifar(root: Path, colour):
     """A fake CIFAR-10 folder in the python-pickle layout: train batches of noise, test images of
     one colour."""
@@ -138,6 +149,20 @@ def test_no_image_draws_the_checkpoints_own_cifar10_test_images(tmp_path, capsys
     said = capsys.readouterr().out
     assert "is not here" in said and "built-in set shapes" in said
     assert len(composites(tmp_path / "out")) == 2
+
+
+def test_no_image_draws_a_folder_checkpoints_val_images(tmp_path, capsys):
+    root = tmp_path / "pets"
+    for split, colour in (("train", 0), ("val", 200)):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.full((40, 48, 3), colour, np.uint8)).save(root / split / c / f"{i}.png")
+    ck = save_checkpoint(tmp_path / "run" / "checkpoint.pth", data=str(root))
+    visualize.main(["attention", "--checkpoint", ck, "--samples", "2", "--heads", "--resolution", "32"])
+    assert "(val; the checkpoint's data)" in capsys.readouterr().out
+    for name in ("cat-0", "dog-0"):  # one per class: spread over the split, named by their paths
+        assert np.asarray(Image.open(tmp_path / "run" / name / "image.png")).mean() == pytest.approx(200, abs=2)
 
 
 def test_masks_beside_the_photos_give_each_heads_jaccard(photos, checkpoint, tmp_path, monkeypatch):
