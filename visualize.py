@@ -880,14 +880,14 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def model_flags(p):
+    def model_flags(p, default_images="held-out images of a built-in set"):
         p.add_argument("--checkpoint", help="checkpoint.pth of dino.py (its teacher is drawn)")
         p.add_argument("--pretrained", help="ViT weights in the authors' format (plain backbone "
                                             "dict or full checkpoint); size and patch read from them")
         p.add_argument("--image", action="append",
                        help="image file, folder (every image in it, any depth, sorted) or quoted "
                             "pattern ('photos/*.jpg'); repeat for several; at most 64 images "
-                            "(default: held-out images of the checkpoint's own data)")
+                            f"(default: {default_images})")
         p.add_argument("--image_size", type=int, default=0,
                        help="shorter side in px before cropping to a multiple of the patch "
                             "(default: the model's training size)")
@@ -895,10 +895,12 @@ def build_parser():
         p.add_argument("--num_heads", type=int, help="heads per block, for a width not in vit.ARCHS")
 
     p = commands.add_parser("attention", help="per-head [CLS] attention maps and masks, one PNG per image")
-    model_flags(p)
-    p.add_argument("--mask", action="append", help="ground-truth mask of the --image of the same "
+    model_flags(p, "images of the evaluation split of the checkpoint's own data")
+    p.add_argument("--mask", action="append", help="ground-truth mask of the image of the same "
                                                    "position (nonzero = foreground): its outline and "
-                                                   "each head's Jaccard are drawn")
+                                                   "each head's Jaccard are drawn; found without it "
+                                                   "at ROOT/masks/<image path under ROOT>.png, ROOT "
+                                                   "the folder given or the image's")
     p.add_argument("--random_init", action="store_true",
                    help="an untrained ViT of the size of --checkpoint/--pretrained (the baseline)")
     p.add_argument("--share", type=float, default=0.6,
