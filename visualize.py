@@ -10,6 +10,8 @@ object-oriented API (no pyplot), rendered to PNG by the Agg backend: no display 
 
 Run:  python visualize.py attention --checkpoint runs/shapes/checkpoint.pth   (built-in sample)
       python visualize.py attention --pretrained dino_deitsmall16_pretrain.pth --image cat.jpg
+      python visualize.py attention --pretrained dino_deitsmall8_pretrain.pth --image photos/ --heads
+      python visualize.py video --checkpoint runs/shapes/checkpoint.pth --frames clip/ --head 1
       python visualize.py pca --checkpoint runs/shapes/checkpoint.pth
       python visualize.py curves --run runs/shapes
       python visualize.py views                  (or --data ./cifar10 --index 7, or --image cat.jpg)
@@ -17,17 +19,24 @@ Run:  python visualize.py attention --checkpoint runs/shapes/checkpoint.pth   (b
 """
 
 import argparse
+import glob
 import itertools
 import json
 import math
 import sys
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 from einops import rearrange
+from PIL import Image
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from tqdm import tqdm  # plain bars, as dino.py's
 
 import augment
 import checkpoint
@@ -127,17 +136,12 @@ def attention_maps(backbone: vit.VisionTransformer, x: torch.Tensor) -> torch.Te
     return rearrange(to_patches, "nh (gh gw) -> nh gh gw", gh=x.shape[-2] // p, gw=x.shape[-1] // p)
 
 
-def attention_figure(backbone: vit.VisionTransformer, image: torch.Tensor, share: float = 0.6,
-                     size: int | None = None, title: str = "", path=None,
-                     mask: torch.Tensor | None = None) -> Figure:
-    """Top row: the image, each head's [CLS] attention, their mean. Bottom row: the masks that
-    keep `share` of each map's mass (knn_eval.attention_mask), drawn over the image (dimmed
-    outside the mask). With a ground-truth mask (H, W) bool of the image, its outline is drawn
-    in cyan on the image and the masks, and each mask's Jaccard with it (knn_eval.jaccard) is
-    written under it.
-
-    image: (3, H, W) uint8 of any size; `size` px on its shorter side (None: the training size).
-    """
+def attention_of(backbone: vit.VisionTransformer, image: torch.Tensor, share: float = 0.6,
+                 size: int | None = None, mask: torch.Tensor | None = None) -> dict:
+    """What attention_figure and head_pngs draw of one image (3, H, W) uint8: x, the image
+    fitted to the patches (3, H', W') in [0, 1]; mask, the ground truth (H', W') bool cut the same
+    way, or None; maps, each head's [CLS] attention and their mean last (heads + 1, H'/p, W'/p);
+    masks, the patches that keep `share` of each map's mass (knn_eval.attention_mask); patch."""
     p = backbone.patch_size
     x = fit_to_patches(image, p, size or backbone.img_size)
     if mask is not None:  # cut and resized as the image: its 0/255 picture, back to 0/1
@@ -147,6 +151,23 @@ def attention_figure(backbone: vit.VisionTransformer, image: torch.Tensor, share
     maps = torch.cat([maps, maps.mean(0, keepdim=True)])  # (heads + 1, gh, gw): the mean last
     masks = rearrange(attention_mask(rearrange(maps, "m gh gw -> m (gh gw)"), share),
                       "m (gh gw) -> m gh gw", gh=maps.shape[1])
+    return dict(x=x, mask=mask, maps=maps, masks=masks, patch=p)
+
+
+def attention_figure(backbone: vit.VisionTransformer, image: torch.Tensor, share: float = 0.6,
+                     size: int | None = None, title: str = "", path=None,
+                     mask: torch.Tensor | None = None, drawn: dict | None = None) -> Figure:
+    """Top row: the image, each head's [CLS] attention, their mean. Bottom row: the masks that
+    keep `share` of each map's mass (knn_eval.attention_mask), drawn over the image (dimmed
+    outside the mask). With a ground-truth mask (H, W) bool of the image, its outline is drawn
+    in cyan on the image and the masks, and each mask's Jaccard with it (knn_eval.jaccard) is
+    written under it.
+
+    image: (3, H, W) uint8 of any size; `size` px on its shorter side (None: the training size).
+    drawn: attention_of's result for these arguments, when already computed.
+    """
+    a = drawn or attention_of(backbone, image, share, size, mask)
+    x, mask, maps, masks, p = a["x"], a["mask"], a["maps"], a["masks"], a["patch"]
     heads = maps.shape[0] - 1
     columns = heads + 2
     fig = Figure(figsize=(1.6 * columns, 3.6), dpi=100, layout="constrained")
@@ -166,6 +187,79 @@ def attention_figure(backbone: vit.VisionTransformer, image: torch.Tensor, share
             ax.contour(mask.float().numpy(), levels=[0.5], colors="cyan", linewidths=1.2)
     fig.suptitle(title or f"last-block [CLS] attention, {heads} heads, {p} px patches", fontsize=10)
     return save(fig, path)
+
+
+def heat(values: torch.Tensor) -> torch.Tensor:
+    """A map (H, W) as (H, W, 3) uint8 in matplotlib's inferno colours, min-max scaled."""
+    v = (values - values.min()) / (values.max() - values.min()).clamp_min(1e-12)
+    return (255 * torch.as_tensor(colormaps["inferno"](v.numpy())[..., :3])).round().to(torch.uint8)
+
+
+def to_png(pixels: torch.Tensor, path: Path) -> Path:
+    """(H, W, 3) or (H, W) uint8 as a PNG file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.contiguous().numpy()).save(path)
+    return path
+
+
+def head_pngs(drawn: dict, folder: Path) -> list[Path]:
+    """attention_of's result as PNGs at the image's pixel size, each on its own: image.png (the
+    image as cut to the patches), attn-head<k>.png (head k's attention, inferno colours, min-max
+    scaled), mask-head<k>.png (its mask: 255 inside, 0 outside), attn-mean.png and mask-mean.png
+    (the mean of heads); heads are numbered from 1, as in the composite."""
+    p, maps, masks = drawn["patch"], drawn["maps"], drawn["masks"]
+    heads = maps.shape[0] - 1
+    written = [to_png((255 * rearrange(drawn["x"], "c h w -> h w c")).round().to(torch.uint8),
+                      folder / "image.png")]
+    for j in range(heads + 1):
+        name = f"head{j + 1}" if j < heads else "mean"
+        written.append(to_png(heat(upsample(maps[j], p)), folder / f"attn-{name}.png"))
+        written.append(to_png(255 * upsample(masks[j], p).to(torch.uint8), folder / f"mask-{name}.png"))
+    return written
+
+
+# The authors' visualize_attention.py draws at 480 px; a grid of more than data.MAX_PATCHES patches
+# is refused (its attention would not fit in memory), so photos are cut down to it at this size.
+RESOLUTION = 480
+
+
+def resolution_for(patch: int, asked: int) -> tuple[int, str]:
+    """(the shorter side in px at which --heads draws, a note or ""): --resolution if given (a
+    one-line error if even a square image would be more than data.MAX_PATCHES patches), else
+    RESOLUTION, lowered to the largest square grid that fits."""
+    most = math.isqrt(data.MAX_PATCHES) * patch  # a 64 x 64 grid
+    if asked:
+        require((asked // patch) ** 2 <= data.MAX_PATCHES,
+                f"--resolution {asked} with {patch} px patches is at least a {asked // patch}x"
+                f"{asked // patch} grid, more than the {data.MAX_PATCHES} patches whose attention "
+                f"fits in memory; take --resolution {most} or less")
+        return asked, ""
+    if RESOLUTION <= most:
+        return RESOLUTION, ""
+    return most, (f"note: {RESOLUTION} px with {patch} px patches is more than {data.MAX_PATCHES} "
+                  f"patches; drawing at {most} px (--resolution sets it)")
+
+
+def cut_to_tokens(image: torch.Tensor, patch: int, size: int, mask=None) -> tuple:
+    """(image, mask, cut): the image (3, H, W) and its mask (H, W) centre-cropped along the longer
+    side so that, resized to `size` px on the shorter side and cut to the patches, it is at most
+    data.MAX_PATCHES patches (a 480 x 640 photo with 8 px patches is 60 x 80 = 4800: cut to 60 x
+    68); cut says whether it was. Cropped before resizing: a 10000 x 3 px file costs nothing."""
+    H, W = image.shape[-2:]
+    short, long = min(H, W), max(H, W)
+    scale = size / short
+    grid = max(1, size // patch)
+    keep = max(short, math.floor((data.MAX_PATCHES // grid) * patch / scale))  # px of the original
+    if long <= keep:
+        return image, mask, False
+    start = (long - keep) // 2
+    if H > W:
+        image = image[:, start:start + keep]
+        mask = None if mask is None else mask[start:start + keep]
+    else:
+        image = image[:, :, start:start + keep]
+        mask = None if mask is None else mask[:, start:start + keep]
+    return image, mask, True
 
 
 # ------------------------------------------------------------------------------------------------
@@ -422,32 +516,174 @@ def built_in_of(args) -> str:
     return "shapes"
 
 
+def expand_images(values: list) -> list[tuple[Path, Path, bool]]:
+    """(file, root, named) for each --image value, in the order given: a file as it is (its root
+    its folder); a folder, every image file under it at any depth, sorted (data.scan_images:
+    hidden files and its masks/ folder left out); a pattern with * ? or [ ] (quoted, so that we
+    expand it), its matching image files, sorted, its root the part before the first wildcard.
+    named: the file was named itself (a damaged one is an error, not skipped)."""
+    found = []
+    for value in values:
+        path = Path(value).expanduser()
+        if path.is_dir():
+            scanned = data.scan_images(path, exclude=(path / data.MASKS_FOLDER,))
+            for f in scanned.unreadable:
+                print(f"note: skipped {f} (empty, too large, or not a regular file)")
+            found += [(Path(f), path, False) for f in scanned.files]
+        elif not path.exists() and glob.has_magic(str(path)):
+            parts = path.parts
+            root = Path(*parts[:next(i for i, part in enumerate(parts) if glob.has_magic(part))] or ".")
+            matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True))
+            files = [m for m in matches if m.suffix.lower() in data.IMAGE_EXTENSIONS and m.is_file()
+                     and (root / data.MASKS_FOLDER) not in m.parents]
+            require(files, f"--image {value} matches no image file "
+                           f"({', '.join(sorted(data.IMAGE_EXTENSIONS))})")
+            found += [(m, root, False) for m in files]
+        else:
+            found.append((path, path.parent, True))
+    return found
+
+
+def output_names(files: list[tuple[Path, Path]]) -> list[str]:
+    """A distinct name per (file, root) for its PNGs: the file's stem; where stems repeat, its
+    path under its root without the suffix, '/' written '-' (a/1.jpg: a-1); then with the
+    suffix (a-1.jpg); a file given twice gets -2, -3, ..."""
+    def candidates(f, root):
+        rel = f.relative_to(root) if root in f.parents else Path(f.name)
+        return [f.stem, "-".join(rel.with_suffix("").parts), "-".join(rel.parts)]
+
+    options = [candidates(f, root) for f, root in files]
+    names = [c[0] for c in options]
+    for level in (1, 2):  # a name shared by different files: the longer one
+        shared = Counter(n for n, _ in {(n, f) for n, (f, _) in zip(names, files)})
+        names = [c[level] if shared[n] > 1 else n for n, c in zip(names, options)]
+    seen, unique = Counter(), []
+    for n in names:
+        seen[n] += 1
+        unique.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
+    return unique
+
+
+def mask_beside(file: Path, root: Path) -> Path | None:
+    """ROOT/masks/<the file's path under ROOT>.png (data.MASKS_FOLDER's layout), if it is a file."""
+    rel = file.relative_to(root) if root in file.parents else Path(file.name)
+    mask = root / data.MASKS_FOLDER / rel.with_suffix(".png")
+    return mask if mask.is_file() else None
+
+
+def spread(n: int, total: int) -> list[int]:
+    """n indices spread evenly over range(total), the first 0 (a split sorted by class: several)."""
+    return [i * total // n for i in range(min(n, total))]
+
+
+def own_samples(args, n: int, size: int) -> list[tuple]:
+    """(name, image, mask) of n images of the evaluation split of the data the checkpoint was
+    trained on (its config's --data): a built-in set's held-out images; CIFAR-10's test images;
+    a folder's val/ or test/ split (with its masks/), or its images when it has none. Prints where
+    they come from; built-in shapes, with a note, when that data is not here."""
+    trained_on = config_from_checkpoint(args.checkpoint).data if args.checkpoint else "shapes"
+    names = ["sample"] if n == 1 else [f"sample{i + 1}" for i in range(n)]
+
+    def built_in(name, why=""):
+        held_out = sample_set(n, size, name)
+        print(f"{why}drawing {n} held-out image{'s' * (n > 1)} of the built-in set {name}")
+        masks = [None] * n if held_out.masks is None else list(held_out.masks)
+        return list(zip(names, held_out.images, masks))
+
+    if trained_on in data.BUILT_IN:
+        return built_in(trained_on)
+    root = Path(trained_on).expanduser()
+    missing = f"note: the checkpoint's data {trained_on} is not here; "
+    if not root.is_dir():
+        return built_in("shapes", missing)
+    _, kind, root = data.locate(trained_on)
+    if kind == "cifar10":
+        if not (root / "cifar-10-batches-py").is_dir():
+            return built_in("shapes", missing)
+        _, test = data.load_cifar10(root)
+        chosen = spread(n, len(test))
+        print(f"drawing CIFAR-10 test images {', '.join(map(str, chosen))} of {root} "
+              f"(the checkpoint's data)")
+        return [(name, test.images[i], None) for name, i in zip(names, chosen)]
+    if kind == "folder":
+        splits = [root / s for s in ("val", "test") if (root / s).is_dir()]
+        split = splits[0] if splits else root / "train"
+        images = data.with_masks(data.scan_folder(split), root)
+    else:
+        beside = data.labelled_beside(root)
+        split = beside[0] if beside else root
+        images = data.with_masks(data.scan_folder(split) if beside else data.scan_images(
+            root, exclude=(root / data.MASKS_FOLDER,)), root)
+    chosen = spread(n, len(images))
+    which = "its training images: it has no val/ or test/" if split.name == "train" or split == root else split.name
+    print(f"drawing {len(chosen)} images of {root} ({which}; the checkpoint's data)")
+    files = [Path(images.files[i]) for i in chosen]
+    names = names if n == 1 else output_names([(f, split) for f in files])  # val/a/1, val/b/1: a-1, b-1
+    return [(name, f, Path(images.mask_files[i]) if images.mask_files else None)
+            for name, f, i in zip(names, files, chosen)]
+
+
 def run_attention(args):
     backbone, out = model_and_out(args)
-    size = args.image_size or backbone.img_size
-    require(not args.mask or len(args.mask) == len(args.image or []),
-            "give one --mask per --image, in the same order")
-    if args.image:
-        masks = [data.read_mask(m) for m in args.mask] if args.mask else [None] * len(args.image)
-        images = [(Path(f).stem, read_image(f), m) for f, m in zip(args.image, masks)]
-        for f, m, (_, image, mask) in zip(args.image, args.mask or [], images):  # as data.with_masks
-            data.require_mask_fits(m, mask.shape[::-1], f, image.shape[:-3:-1])
+    p = backbone.patch_size
+    to_tokens = bool(args.heads or args.resolution)  # photos: cut to the token cap, not refused
+    require(not (args.resolution and args.image_size), "give --resolution or --image_size, not both")
+    if to_tokens:
+        size, note = resolution_for(p, args.resolution)
+        if note:
+            print(note)
     else:
-        sample = sample_set(1, size, built_in_of(args))
-        images = [("sample", sample.images[0], None if sample.masks is None else sample.masks[0])]
+        size = args.image_size or backbone.img_size
+    if args.image:
+        found = expand_images(args.image)
+        require(len(found) <= 64, f"--image gives {len(found)} images; at most 64 are drawn (a figure "
+                                  f"each): name a subfolder, or a narrower pattern")
+        require(not args.mask or len(args.mask) == len(found),
+                f"give one --mask per image, in the same order ({len(found)} images, "
+                f"{len(args.mask or [])} masks); for a folder, put its masks in DIR/masks/")
+        masks = args.mask or [mask_beside(f, root) for f, root, _ in found]
+        items = [(name, f, m and Path(m), named) for name, (f, _, named), m
+                 in zip(output_names([(f, root) for f, root, _ in found]), found, masks)]
+    else:
+        items = [(name, image, mask, True) for name, image, mask in own_samples(args, args.samples, size)]
     written = []
-    for stem, image, mask in images:
-        path = out / f"attention_{stem}.png"
-        attention_figure(backbone, image, args.share, size, path=path, mask=mask)
+    bar = tqdm(items, desc="attention", unit="image", disable=len(items) < 2, leave=False)
+    for name, image, mask, named in bar:
+        if isinstance(image, Path):
+            try:
+                image = read_image(image)
+            except DinoError as e:
+                if named:
+                    raise
+                bar.write(f"note: skipped {e}")
+                continue
+        if isinstance(mask, Path):
+            path, mask = mask, data.read_mask(mask)
+            data.require_mask_fits(path, mask.shape[::-1], name, image.shape[:-3:-1])
+        if to_tokens:
+            image, mask, cut = cut_to_tokens(image, p, size, mask)
+            if cut:
+                bar.write(f"note: {name}: its longer side is cropped to keep {size} px on the shorter "
+                          f"side within {data.MAX_PATCHES} patches of {p} px")
+        drawn = attention_of(backbone, image, args.share, size, mask)
+        path = out / f"attention_{name}.png"
+        attention_figure(backbone, image, args.share, size, path=path, drawn=drawn)
         written.append(path)
+        if args.heads:
+            head_pngs(drawn, out / name)
+            written.append(out / name)  # one line for its PNGs, not 2 · heads + 3
     return written
 
 
 def run_pca(args):
     backbone, out = model_and_out(args)
     size = args.image_size or backbone.img_size
-    images = ([read_image(f) for f in args.image] if args.image
-              else sample_images(args.samples, size, built_in_of(args)))
+    if args.image:
+        found = expand_images(args.image)
+        require(len(found) <= 64, f"--image gives {len(found)} images; at most 64 (a panel each)")
+        images = [read_image(f) for f, _, _ in found]
+    else:
+        images = sample_images(args.samples, size, built_in_of(args))
     path = out / "pca.png"
     pca_figure(backbone, images, size, path=path)
     return [path]
@@ -478,6 +714,137 @@ def run_views(args):
     path = (Path(args.out) if args.out else DEFAULT_OUT) / "views.png"
     views_figure(original, views, path=path)
     return [path]
+
+
+# ------------------------------------------------------------------------------------------------
+# 5b. Video: one head's attention (or the mean of heads) over every frame.
+# ------------------------------------------------------------------------------------------------
+
+MAX_FRAMES = 300  # frames of a video: a 300-frame GIF at 480 px is held in memory (~300 MB)
+
+
+def frame_files(folder: Path) -> list[Path]:
+    """The image files of a folder of frames, sorted by name (not its subfolders)."""
+    require(folder.is_dir(), f"--frames {folder} is not a folder")
+    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in data.IMAGE_EXTENSIONS
+                   and data.visible(f) and f.is_file())
+    require(files, f"--frames {folder} holds no image files ({', '.join(sorted(data.IMAGE_EXTENSIONS))})")
+    require(len(files) <= MAX_FRAMES, f"--frames {folder} holds {len(files)} frames; at most "
+                                      f"{MAX_FRAMES}: keep every n-th frame, or a shorter clip")
+    return files
+
+
+def video_frames(path: Path) -> tuple[list[torch.Tensor], float | None]:
+    """(frames (3, H, W) uint8, frames per second or None) of a video file: an animated GIF,
+    PNG or WebP through PIL; any other through torchvision.io.read_video, where this torchvision
+    has it."""
+    try:
+        data.regular_file(path, "video", 2 ** 30)
+    except OSError:
+        raise DinoError(f"--video {path} does not exist or is not a file") from None
+    if path.suffix.lower() in (".gif", ".png", ".webp"):
+        try:
+            with data.open_image(path) as im:
+                count = getattr(im, "n_frames", 1)
+                require(count <= MAX_FRAMES, f"--video {path} has {count} frames; at most {MAX_FRAMES}")
+                frames, durations = [], []
+                for i in range(count):
+                    im.seek(i)
+                    frames.append(torch.as_tensor(np.array(im.convert("RGB"))).permute(2, 0, 1))
+                    durations.append(im.info.get("duration") or 0)
+        except data.UNREADABLE:
+            raise DinoError(f"--video {path} could not be read (not an image, or damaged)") from None
+        mean = sum(durations) / len(durations)
+        return frames, 1000 / mean if mean > 0 else None
+    read_video = getattr(torchvision.io, "read_video", None)
+    require(read_video is not None, f"--video {path}: this torchvision ({torchvision.__version__}) "
+                                    f"cannot decode video files (no torchvision.io.read_video); cut "
+                                    f"it into frames (ffmpeg -i {path} frames/%05d.png) and pass "
+                                    f"--frames frames")
+    try:
+        frames, _, info = read_video(str(path), pts_unit="sec", output_format="TCHW")
+    except Exception as e:
+        raise DinoError(f"--video {path} could not be decoded ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'no message'})") from None
+    require(len(frames) > 0, f"--video {path} holds no frames")
+    require(len(frames) <= MAX_FRAMES, f"--video {path} has {len(frames)} frames; at most {MAX_FRAMES}")
+    return list(frames), info.get("video_fps")
+
+
+def overlay(drawn: dict, head: int, alpha: float = 0.55) -> torch.Tensor:
+    """The image of attention_of's result with one head's attention (head k, or 0: the mean of
+    heads) over it in inferno colours, (H, W, 3) uint8."""
+    x = rearrange(drawn["x"], "c h w -> h w c")
+    heat_map = heat(upsample(drawn["maps"][head - 1 if head else -1], drawn["patch"])).float() / 255
+    return (255 * ((1 - alpha) * x + alpha * heat_map)).round().clamp(0, 255).to(torch.uint8)
+
+
+def write_animation(frames: list[torch.Tensor], path: Path, fps: float):
+    """(H, W, 3) uint8 frames as an animated GIF (PIL), or an MP4 (torchvision.io.write_video).
+    PIL's GIF writer merges a frame equal to the one before, so such a frame has one pixel
+    inverted: the GIF keeps one frame per input frame."""
+    if path.suffix.lower() == ".mp4":
+        torchvision.io.write_video(str(path), torch.stack(frames), fps=fps)
+        return
+    pictures, before = [], None
+    for f in frames:
+        if before is not None and torch.equal(f, before):
+            f = f.clone()
+            f[0, 0] = 255 - f[0, 0]
+        pictures.append(Image.fromarray(f.numpy()))
+        before = f
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=round(1000 / fps),
+                     loop=0)
+
+
+def check_video_out(path: Path):
+    """A one-line error, before any work, for an output the video command cannot write."""
+    suffix = path.suffix.lower()
+    require(suffix in (".gif", ".mp4"), f"--out {path}: give a .gif or .mp4 file name")
+    require(suffix == ".gif" or hasattr(torchvision.io, "write_video"),
+            f"--out {path}: this torchvision ({torchvision.__version__}) cannot write MP4 (no "
+            f"torchvision.io.write_video); use --out {path.with_suffix('.gif')}")
+
+
+def run_video(args):
+    require(bool(args.frames) != bool(args.video), "give --frames DIR or --video FILE (one of them)")
+    source = Path(args.frames or args.video).expanduser()
+    if args.out:
+        check_video_out(Path(args.out))
+    backbone, _ = model_and_out(dict_without(args, "out"))
+    path = Path(args.out) if args.out else (Path(args.checkpoint or args.pretrained).parent
+                                           / f"attention_{source.stem or 'video'}.gif")
+    heads = backbone.num_heads
+    require(args.head <= heads, f"--head {args.head}: the model has {heads} heads (1 to {heads}; "
+                                f"0: their mean)")
+    p = backbone.patch_size
+    size, note = resolution_for(p, args.resolution)
+    if note:
+        print(note)
+    if args.frames:
+        frames, fps = frame_files(source), None
+    else:
+        frames, fps = video_frames(source)
+    fps = args.fps or fps or 10
+    drawn, shape = [], None
+    for frame in tqdm(frames, desc="frames", unit="frame", disable=len(frames) < 2, leave=False):
+        name = frame if isinstance(frame, Path) else f"frame {len(drawn) + 1}"
+        image = read_image(frame) if isinstance(frame, Path) else frame
+        image, _, _ = cut_to_tokens(image, p, size)
+        picture = overlay(attention_of(backbone, image, 0.6, size), args.head)
+        shape = shape or picture.shape
+        require(picture.shape == shape, f"{name} is {image.shape[-1]}x{image.shape[-2]} px, unlike "
+                                        f"the first frame; the frames of a video share one size")
+        drawn.append(picture)
+    write_animation(drawn, path, fps)
+    print(f"{len(drawn)} frames, {'mean of heads' if not args.head else f'head {args.head}'}, "
+          f"{shape[1]}x{shape[0]} px, {fps:g} frames per second")
+    return [path]
+
+
+def dict_without(args, name: str) -> argparse.Namespace:
+    """args with `name` set to None."""
+    return argparse.Namespace(**{**vars(args), name: None})
 
 
 def in_memory(image: torch.Tensor) -> data.ImageSet:
@@ -513,12 +880,14 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def model_flags(p):
+    def model_flags(p, default_images="held-out images of a built-in set"):
         p.add_argument("--checkpoint", help="checkpoint.pth of dino.py (its teacher is drawn)")
         p.add_argument("--pretrained", help="ViT weights in the authors' format (plain backbone "
                                             "dict or full checkpoint); size and patch read from them")
-        p.add_argument("--image", action="append", help="image file; repeat for several "
-                                                        "(default: built-in shapes samples)")
+        p.add_argument("--image", action="append",
+                       help="image file, folder (every image in it, any depth, sorted) or quoted "
+                            "pattern ('photos/*.jpg'); repeat for several; at most 64 images "
+                            f"(default: {default_images})")
         p.add_argument("--image_size", type=int, default=0,
                        help="shorter side in px before cropping to a multiple of the patch "
                             "(default: the model's training size)")
@@ -526,14 +895,41 @@ def build_parser():
         p.add_argument("--num_heads", type=int, help="heads per block, for a width not in vit.ARCHS")
 
     p = commands.add_parser("attention", help="per-head [CLS] attention maps and masks, one PNG per image")
-    model_flags(p)
-    p.add_argument("--mask", action="append", help="ground-truth mask of the --image of the same "
+    model_flags(p, "images of the evaluation split of the checkpoint's own data")
+    p.add_argument("--mask", action="append", help="ground-truth mask of the image of the same "
                                                    "position (nonzero = foreground): its outline and "
-                                                   "each head's Jaccard are drawn")
+                                                   "each head's Jaccard are drawn; found without it "
+                                                   "at ROOT/masks/<image path under ROOT>.png, ROOT "
+                                                   "the folder given or the image's")
     p.add_argument("--random_init", action="store_true",
                    help="an untrained ViT of the size of --checkpoint/--pretrained (the baseline)")
     p.add_argument("--share", type=float, default=0.6,
                    help="mask keeps this share of each head's attention mass (paper Figure 3: 0.6)")
+    p.add_argument("--heads", action="store_true",
+                   help="also write OUT/<image>/image.png, attn-head<k>.png, mask-head<k>.png (255 "
+                        "inside the mask), attn-mean.png and mask-mean.png at --resolution")
+    p.add_argument("--resolution", type=int, default=0,
+                   help=f"shorter side in px at which attention is drawn, as the authors' "
+                        f"visualize_attention.py (default with --heads: {RESOLUTION}); longer sides "
+                        f"are cropped to stay within {data.MAX_PATCHES} patches")
+    p.add_argument("--samples", type=int, default=1,
+                   help="without --image: how many images of the checkpoint's evaluation split")
+    p = commands.add_parser("video", help="one head's attention over every frame of a clip, as an "
+                                          "animated GIF (or MP4)")
+    p.add_argument("--checkpoint", help="checkpoint.pth of dino.py (its teacher is drawn)")
+    p.add_argument("--pretrained", help="ViT weights in the authors' format")
+    p.add_argument("--num_heads", type=int, help="heads per block, for a width not in vit.ARCHS")
+    p.add_argument("--frames", help=f"folder of frames, in name order (at most {MAX_FRAMES})")
+    p.add_argument("--video", help=f"video file (at most {MAX_FRAMES} frames): an animated GIF, or "
+                                   f"what torchvision.io.read_video decodes, where it exists")
+    p.add_argument("--head", type=int, default=0, help="head drawn, from 1 (default 0: the mean of heads)")
+    p.add_argument("--resolution", type=int, default=0,
+                   help=f"shorter side of the frames in px (default {RESOLUTION}, lowered to fit "
+                        f"{data.MAX_PATCHES} patches)")
+    p.add_argument("--fps", type=int, default=0,
+                   help="frames per second of the output (default: the video's, else 10)")
+    p.add_argument("--out", help="output .gif, or .mp4 where torchvision.io.write_video exists "
+                                 "(default: attention_<name>.gif beside the weights)")
     p = commands.add_parser("pca", help="first 3 principal components of patch features as RGB")
     model_flags(p)
     p.add_argument("--samples", type=int, default=6, help="built-in samples when no --image")
@@ -568,16 +964,19 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     rules = dict(samples="panels", share="(0,1)", image_size="side>=0", num_heads=">=1", index=">=0",
-                 seed="seed")
+                 seed="seed", resolution="side>=0", head="[0,64]")
     for name, rule in rules.items():  # data.RULES, as dino.py's and knn_eval.py's flags use
         if getattr(args, name, None) is not None:
             data.check_flag(name, getattr(args, name), rule)
     images = getattr(args, "image", None)
     require(not isinstance(images, list) or len(images) <= 64,  # as --samples: "panels"
             f"{len(images or [])} --image files given; at most 64 (a figure panel or a PNG each)")
+    fps = getattr(args, "fps", 0)
+    require(0 <= fps <= 60, f"--fps must be at least 1 and at most 60 (0: the video's), got {fps}")
     if getattr(args, "out", None):  # before any model or data is loaded
-        data.writable_folder(args.out, "--out")
+        (data.writable_file if args.command == "video" else data.writable_folder)(args.out, "--out")
     run = {"attention": run_attention, "pca": run_pca, "curves": run_curves, "views": run_views,
+           "video": run_video,
            "knn-minutes": run_knn_minutes,
            "readme-figures": run_readme_figures}[args.command]
     for path in run(args):
