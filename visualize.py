@@ -515,14 +515,14 @@ def build_parser():
 
     def model_flags(p):
         p.add_argument("--checkpoint", help="checkpoint.pth of dino.py (its teacher is drawn)")
-        p.add_argument("--pretrained", help="ViT weights in the authors' format (plain backbone "
+        p.add_argument("--pretrained", "--pretrained_weights", help="ViT weights in the authors' format (plain backbone "
                                             "dict or full checkpoint); size and patch read from them")
-        p.add_argument("--image", action="append", help="image file; repeat for several "
+        p.add_argument("--image", "--image_path", action="append", help="image file; repeat for several "
                                                         "(default: built-in shapes samples)")
         p.add_argument("--image_size", type=int, default=0,
                        help="shorter side in px before cropping to a multiple of the patch "
                             "(default: the model's training size)")
-        p.add_argument("--out", help="output folder (default: next to the checkpoint)")
+        p.add_argument("--out", "--output_dir", help="output folder (default: next to the checkpoint)")
         p.add_argument("--num_heads", type=int, help="heads per block, for a width not in vit.ARCHS")
 
     p = commands.add_parser("attention", help="per-head [CLS] attention maps and masks, one PNG per image")
@@ -532,7 +532,7 @@ def build_parser():
                                                    "each head's Jaccard are drawn")
     p.add_argument("--random_init", action="store_true",
                    help="an untrained ViT of the size of --checkpoint/--pretrained (the baseline)")
-    p.add_argument("--share", type=float, default=0.6,
+    p.add_argument("--share", "--threshold", type=float, default=0.6,
                    help="mask keeps this share of each head's attention mass (paper Figure 3: 0.6)")
     p = commands.add_parser("pca", help="first 3 principal components of patch features as RGB")
     model_flags(p)
