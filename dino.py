@@ -1626,19 +1626,26 @@ def build_parser(defaults: Config | None = None):
     return parser
 
 
+def minutes_or_none(text: str) -> float | None:
+    """--time_limit as the early parser reads it: a number, or None (the full parser says why not)."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def parse_config(argv) -> Config:
     """The run's Config from the command line. --data (and --device) are read first, so the
     preset they select is what the other flags default to, and what --help shows."""
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--data", *AUTHORS_FLAGS["data"], dest="data", default=Config.data)
     early.add_argument("--device", default=Config.device)
-    early.add_argument("--time_limit", default="0")  # photos on a CPU: it selects the CPU recipe
+    early.add_argument("--time_limit", type=minutes_or_none)  # photos on a CPU: it selects their recipe
     known, _ = early.parse_known_args(argv)
     try:
         name, image_size = data.peek(known.data)
-        minutes = float(known.time_limit) if known.time_limit.replace(".", "", 1).isdigit() else 0.0
-        defaults = make_config({"data": known.data, "device": known.device, "time_limit": minutes},
-                               image_size, name)
+        given = {} if known.time_limit is None else {"time_limit": known.time_limit}
+        defaults = make_config({"data": known.data, "device": known.device, **given}, image_size, name)
     except DinoError:
         if not {"-h", "--help"} & set(argv or sys.argv[1:]):
             raise

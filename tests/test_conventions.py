@@ -162,3 +162,14 @@ def test_photos_on_a_cpu_with_a_time_limit_get_the_cpu_recipe_and_without_one_th
     recipe = dino.preset_for(300, "photos", time_limit=60)
     assert recipe["time_limit"] == 60 and recipe["global_crops_size"] == 64 and recipe["arch"] == "vit_nano"
     assert dino.preset_for(300, "photos", gpu=True, time_limit=60) == {}
+
+
+def test_the_command_line_gives_photos_the_recipe_only_with_a_time_limit(tmp_path):
+    for i in range(3):
+        Image.new("RGB", (120, 100), (80 * i, 40, 90)).save(tmp_path / f"{i}.jpg")
+    plain = dino.parse_config(["--data", str(tmp_path), "--device", "cpu"])
+    assert (plain.arch, plain.patch_size, plain.global_crops_size, plain.time_limit) == ("vit_small", 16, 224, 0)
+    hour = dino.parse_config(["--data", str(tmp_path), "--device", "cpu", "--time_limit", "60"])
+    assert (hour.arch, hour.patch_size, hour.global_crops_size, hour.time_limit) == ("vit_nano", 8, 64, 60)
+    assert "(default: vit_nano; paper: vit_small)" in " ".join(
+        dino.build_parser(hour).format_help().split())
