@@ -173,3 +173,19 @@ def test_the_command_line_gives_photos_the_recipe_only_with_a_time_limit(tmp_pat
     assert (hour.arch, hour.patch_size, hour.global_crops_size, hour.time_limit) == ("vit_nano", 8, 64, 60)
     assert "(default: vit_nano; paper: vit_small)" in " ".join(
         dino.build_parser(hour).format_help().split())
+
+
+def test_photos_on_a_cpu_hear_how_long_before_step_0_and_what_to_type(monkeypatch):
+    from types import SimpleNamespace
+    monkeypatch.setattr(dino, "measure_step_seconds", lambda *a, **k: 60.0)
+    cfg = dino.Config(data="my_photos")
+    trainer = SimpleNamespace(cfg=cfg, device=CPU, total_steps=7800, start_epoch=0, start_step=0, steps_per_epoch=78)
+    said = []
+    dino.project_on_cpu(trainer, 300, said.append)
+    assert "60.0 s/step x 7800 steps" in said[-1] and "5.4 days" in said[-1]
+    assert "python dino.py --data my_photos --time_limit 60" in said[-1]
+    said.clear()
+    for quiet in (dict(time_limit=60.0), dict(steps=100)):  # a limit or a length given: no timing
+        dino.project_on_cpu(SimpleNamespace(**{**vars(trainer), "cfg": dino.Config(**quiet)}), 300, said.append)
+    dino.project_on_cpu(trainer, 32, said.append)  # small images: their preset
+    assert said == []
