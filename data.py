@@ -565,7 +565,8 @@ def scan_images(root: Path, exclude: tuple = (), strict: bool = False) -> ImageS
 
 def locate(path: str) -> tuple[str, str, Path | None]:
     """(name, kind, root) of a --data value, kind one of shapes, cifar10, folder (train/<class>/
-    layout) or images (any other folder: its images, without labels); one-line errors for paths
+    layout), classes (a folder of class folders only: the authors' imagenet/train pointed at
+    directly) or images (any other folder: its images, without labels); one-line errors for paths
     that are none of them. Reads no image."""
     if path in BUILT_IN:
         return path, path, None
@@ -578,7 +579,27 @@ def locate(path: str) -> tuple[str, str, Path | None]:
                            f"set, a CIFAR-10 folder, or a folder of images")
     require(root.is_dir(), f"data path {root} is not a folder")
     name = root.name or "images"
-    return name, "folder" if has_class_folders(root / "train") else "images", root
+    if has_class_folders(root / "train"):
+        return name, "folder", root
+    return name, "classes" if only_class_folders(root) else "images", root
+
+
+def only_class_folders(root: Path) -> bool:
+    """Whether root holds nothing but 2 or more class folders, each with images in it (not under
+    subfolders): the authors' ImageNet train/ (n01440764/*.JPEG, ...). Such a folder is read as
+    labelled, its subfolders the classes, rather than as one set of unlabelled images: the labels
+    cost DINO nothing (it does not read them) and give the k-NN monitor its classes."""
+    entries = [e for e in root.iterdir() if visible(e)]
+    folders = [e for e in entries if e.is_dir()]
+    return (len(folders) >= 2 and len(folders) == len(entries)
+            and not {"train", "val", "test", MASKS_FOLDER} & {f.name for f in folders}
+            and all(any(f.suffix.lower() in IMAGE_EXTENSIONS for f in d.iterdir()) for d in folders))
+
+
+def split_beside(root: Path) -> Path | None:
+    """The labelled val/ (or test/) beside a folder of class folders: imagenet/val for imagenet/train."""
+    return next((root.parent / s for s in ("val", "test")
+                 if root.parent / s != root and has_class_folders(root.parent / s)), None)
 
 
 def labelled_beside(root: Path) -> list[Path]:
@@ -594,7 +615,7 @@ def peek(path: str) -> tuple[str, int]:
         return name, OBJECTS_SIZE if kind == "objects" else 32
     if kind == "images":
         return name, probe_image_size(scan_images(root, tuple(labelled_beside(root))))
-    return name, probe_image_size(scan_folder(root / "train"))
+    return name, probe_image_size(scan_folder(root if kind == "classes" else root / "train"))
 
 
 def load_data(path: str, strict: bool = False) -> tuple[str, ImageSet, ImageSet | None]:
@@ -615,6 +636,10 @@ def load_data(path: str, strict: bool = False) -> tuple[str, ImageSet, ImageSet 
         eval_set = hold_in_memory(with_masks(scan_folder(beside[0], strict=strict), root),
                                   strict=strict) if beside else None
         return name, train_set, eval_set
+    if kind == "classes":  # its subfolders are the classes; evaluated on a val/ beside it, if any
+        train_set, beside = hold_in_memory(scan_folder(root, strict=strict), strict=strict), split_beside(root)
+        return name, train_set, beside and hold_in_memory(
+            with_masks(scan_folder(beside, train_set.classes, strict), root.parent), strict=strict)
     train_set = hold_in_memory(scan_folder(root / "train", strict=strict), strict=strict)
     eval_set = None
     for split in ("val", "test"):

@@ -425,16 +425,16 @@ def build_parser():
                     "DINO paper.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="OUTPUT_DIR/checkpoint.pth written by dino.py")
-    source.add_argument("--pretrained", help="ViT weights in the authors' format: a plain backbone "
+    source.add_argument("--pretrained", "--pretrained_weights", help="ViT weights in the authors' format: a plain backbone "
                                              "state dict, or a full checkpoint with teacher/student")
     source.add_argument("--raw_pixels", action="store_true",
                         help="the pixels themselves, centred by the mean training image, as features")
     source.add_argument("--load_features", help="features saved by --save_features: sweep k and "
                                                 "--temperature without a forward pass")
-    parser.add_argument("--data", default="shapes",
+    parser.add_argument("--data", "--data_path", default="shapes",
                         help="any --data of dino.py: 'shapes', a CIFAR-10 folder, or an image folder "
                              "with train/<class>/ and val/ or test/")
-    parser.add_argument("--weights", choices=["teacher", "student"], default="teacher",
+    parser.add_argument("--weights", "--checkpoint_key", choices=["teacher", "student"], default="teacher",
                         help="whose backbone to evaluate; the paper reports the teacher, which scores higher")
     parser.add_argument("--random_init", action="store_true",
                         help="evaluate an untrained ViT of the size of --checkpoint's or --pretrained's "
@@ -446,14 +446,15 @@ def build_parser():
                         help="side of the centre view in px (0: the training resolution: the checkpoint's "
                              "global_crops_size, the weights' pos_embed, or for raw pixels 32 px for "
                              "images up to 64 px and 224 px otherwise)")
-    parser.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200],
+    parser.add_argument("--k", "--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200],
                         help="numbers of neighbours (paper: 10 20 100 200; 20 is the headline)")
     parser.add_argument("--temperature", type=float, default=0.07, help="T of the vote weights exp(s/T)")
-    parser.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
+    parser.add_argument("--batch_size", "--batch_size_per_gpu", type=int, default=256, help="images per forward pass")
     parser.add_argument("--chunk_size", type=int, default=1024,
                         help="test images compared at once; memory ≈ chunk_size × N_train × 4 bytes")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--save_features", help="write the extracted features to this file")
+    parser.add_argument("--save_features", "--dump_features",
+                        help="write the extracted features to this file")
     add_command_flags(parser)
     return parser
 

@@ -876,25 +876,23 @@ def run_readme_figures(args):
     return written
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+def model_flags(p, default_images="held-out images of a built-in set"):
+    """The flags of the commands that draw a network: its weights, the images, the output."""
+    p.add_argument("--checkpoint", help="checkpoint.pth of dino.py (its teacher is drawn)")
+    p.add_argument("--pretrained", "--pretrained_weights", help="ViT weights in the authors' format "
+                   "(plain backbone dict or full checkpoint); size and patch read from them")
+    p.add_argument("--image", "--image_path", action="append",
+                   help="image file, folder (every image in it, any depth, sorted) or quoted "
+                        "pattern ('photos/*.jpg'); repeat for several; at most 64 images "
+                        f"(default: {default_images})")
+    p.add_argument("--image_size", type=int, default=0,
+                   help="shorter side in px before cropping to a multiple of the patch "
+                        "(default: the model's training size)")
+    p.add_argument("--out", "--output_dir", help="output folder (default: next to the checkpoint)")
+    p.add_argument("--num_heads", type=int, help="heads per block, for a width not in vit.ARCHS")
 
-    def model_flags(p, default_images="held-out images of a built-in set"):
-        p.add_argument("--checkpoint", help="checkpoint.pth of dino.py (its teacher is drawn)")
-        p.add_argument("--pretrained", help="ViT weights in the authors' format (plain backbone "
-                                            "dict or full checkpoint); size and patch read from them")
-        p.add_argument("--image", action="append",
-                       help="image file, folder (every image in it, any depth, sorted) or quoted "
-                            "pattern ('photos/*.jpg'); repeat for several; at most 64 images "
-                            f"(default: {default_images})")
-        p.add_argument("--image_size", type=int, default=0,
-                       help="shorter side in px before cropping to a multiple of the patch "
-                            "(default: the model's training size)")
-        p.add_argument("--out", help="output folder (default: next to the checkpoint)")
-        p.add_argument("--num_heads", type=int, help="heads per block, for a width not in vit.ARCHS")
 
-    p = commands.add_parser("attention", help="per-head [CLS] attention maps and masks, one PNG per image")
+def attention_flags(p):
     model_flags(p, "images of the evaluation split of the checkpoint's own data")
     p.add_argument("--mask", action="append", help="ground-truth mask of the image of the same "
                                                    "position (nonzero = foreground): its outline and "
@@ -903,7 +901,7 @@ def build_parser():
                                                    "the folder given or the image's")
     p.add_argument("--random_init", action="store_true",
                    help="an untrained ViT of the size of --checkpoint/--pretrained (the baseline)")
-    p.add_argument("--share", type=float, default=0.6,
+    p.add_argument("--share", "--threshold", type=float, default=0.6,
                    help="mask keeps this share of each head's attention mass (paper Figure 3: 0.6)")
     p.add_argument("--heads", action="store_true",
                    help="also write OUT/<image>/image.png, attn-head<k>.png, mask-head<k>.png (255 "
@@ -914,10 +912,11 @@ def build_parser():
                         f"are cropped to stay within {data.MAX_PATCHES} patches")
     p.add_argument("--samples", type=int, default=1,
                    help="without --image: how many images of the checkpoint's evaluation split")
-    p = commands.add_parser("video", help="one head's attention over every frame of a clip, as an "
-                                          "animated GIF (or MP4)")
+
+
+def video_flags(p):
     p.add_argument("--checkpoint", help="checkpoint.pth of dino.py (its teacher is drawn)")
-    p.add_argument("--pretrained", help="ViT weights in the authors' format")
+    p.add_argument("--pretrained", "--pretrained_weights", help="ViT weights in the authors' format")
     p.add_argument("--num_heads", type=int, help="heads per block, for a width not in vit.ARCHS")
     p.add_argument("--frames", help=f"folder of frames, in name order (at most {MAX_FRAMES})")
     p.add_argument("--video", help=f"video file (at most {MAX_FRAMES} frames): an animated GIF, or "
@@ -930,9 +929,11 @@ def build_parser():
                    help="frames per second of the output (default: the video's, else 10)")
     p.add_argument("--out", help="output .gif, or .mp4 where torchvision.io.write_video exists "
                                  "(default: attention_<name>.gif beside the weights)")
-    p = commands.add_parser("pca", help="first 3 principal components of patch features as RGB")
-    model_flags(p)
-    p.add_argument("--samples", type=int, default=6, help="built-in samples when no --image")
+
+
+def run_figure_flags(commands):
+    """The commands that draw a run's records or its settings: curves, knn-minutes, views,
+    readme-figures."""
     p = commands.add_parser("curves", help="loss, entropy, KL, k-NN and schedules from log.jsonl "
                                            "and steps.jsonl")
     p.add_argument("--run", required=True, help="the --output_dir of a dino.py run")
@@ -958,6 +959,19 @@ def build_parser():
     p.add_argument("--share", type=float, default=0.6)
     p.add_argument("--samples", type=int, default=6)
     p.add_argument("--num_heads", type=int, help="heads per block, for a width not in vit.ARCHS")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    attention_flags(commands.add_parser("attention", help="per-head [CLS] attention maps and masks, "
+                                                          "one PNG per image"))
+    video_flags(commands.add_parser("video", help="one head's attention over every frame of a clip, "
+                                                  "as an animated GIF (or MP4)"))
+    p = commands.add_parser("pca", help="first 3 principal components of patch features as RGB")
+    model_flags(p)
+    p.add_argument("--samples", type=int, default=6, help="built-in samples when no --image")
+    run_figure_flags(commands)
     return parser
 
 

@@ -141,7 +141,9 @@ def test_compile_matches_eager():
         torch.testing.assert_close(compiled[k], eager[k], atol=1e-5, rtol=1e-4)
 
 
-def test_auto_precision_is_bf16_on_gpus_and_fp32_on_cpus():
+def test_auto_precision_is_bf16_on_gpus_and_fp32_on_cpus(monkeypatch):
+    # a GPU that computes bf16 (Ampere or later); older ones: fp16, tests/test_conventions.py
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert dino.use_bf16("auto", torch.device("cuda", 0)) and not dino.use_bf16("auto", torch.device("cpu"))
     assert dino.use_bf16("bf16", torch.device("cpu")) and not dino.use_bf16("fp32", torch.device("cuda", 0))
 
