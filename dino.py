@@ -704,6 +704,16 @@ class Autocast(nn.Module):
             return self.network(views)
 
 
+def wrapped(network, trainer, ddp: bool):
+    """What train_step calls: a network under DDP, torch.compile and autocast, as the trainer asks."""
+    if ddp:
+        ids = [trainer.device.index] if trainer.device.type == "cuda" else None
+        network = nn.parallel.DistributedDataParallel(network, device_ids=ids)
+    if trainer.cfg.compile:
+        network = torch.compile(network)
+    return Autocast(network, trainer.device.type, trainer.dtype)
+
+
 def silent(*_, **__):
     pass
 
@@ -733,8 +743,8 @@ class Trainer:
         self.dtype = autocast_dtype(cfg.precision, self.device)  # None: fp32
         self.bf16, self.scaler = self.dtype == torch.bfloat16, grad_scaler(self.dtype, self.device)
         # what train_step calls: the networks, under DDP, torch.compile and bf16 where asked
-        self.student_fn = self.wrapped(self.student, ddp=self.world > 1)
-        self.teacher_fn = self.wrapped(self.teacher, ddp=False)
+        self.student_fn = wrapped(self.student, self, ddp=self.world > 1)
+        self.teacher_fn = wrapped(self.teacher, self, ddp=False)
         self.optimizer = make_optimizer(cfg, self.student)
         self.center = torch.zeros(1, cfg.out_dim, device=self.device)  # c
         self.steps_per_epoch = len(train_set) // (cfg.batch_size * self.world)
@@ -751,22 +761,24 @@ class Trainer:
         self.checkpoint_path = Path(cfg.output_dir) / "checkpoint.pth"
         self.records = RunLog(cfg, self.rank)
         self.clock, self.signals = Clock(cfg.time_limit), StopSignals()
+        self.pace, self.replans = None, []  # Pace, once --time_limit planned T; its (t_0, T') so far
 
     def plan(self, steps: int):
         """The run's length T (0: epochs x steps per epoch) and its schedules, laid over T."""
         self.cfg.steps = steps
         self.schedule = schedules(self.cfg, self.steps_per_epoch, self.world)
-        self.total_steps = len(self.schedule["lr"])  # T
-        self.epochs_to_run = math.ceil(self.total_steps / max(self.steps_per_epoch, 1))  # the last may be cut
         self.record_every = record_every(self.total_steps, self.cfg.log_every)
 
-    def wrapped(self, network, ddp: bool):
-        if ddp:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            network = nn.parallel.DistributedDataParallel(network, device_ids=ids)
-        if self.cfg.compile:
-            network = torch.compile(network)
-        return Autocast(network, self.device.type, self.dtype)
+    def replan(self, done: int, total: int):
+        """T' = total after `done` iterations: the rest of the schedules laid over the new rest."""
+        self.schedule = warp_schedules(self.schedule, done, total)
+        self.replans.append((done, total))
+
+    total_steps = property(lambda self: len(self.schedule["lr"]))  # T
+    epochs_to_run = property(lambda self: math.ceil(self.total_steps / max(self.steps_per_epoch, 1)))  # the last may be cut
+
+    def steps_in(self, epoch: int) -> int:
+        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
 
     # -- one step ---------------------------------------------------------------------------------
     def scheduled(self, iteration: int) -> dict:
@@ -806,12 +818,15 @@ class Trainer:
                     plan_to_time_limit(self)
                 if self.rank == 0:
                     self.records.open(self.start_epoch * self.steps_per_epoch + self.start_step)
-                for epoch in range(self.start_epoch, stop_after or self.epochs_to_run):
+                epoch = self.start_epoch
+                while epoch < (stop_after or self.epochs_to_run):  # a re-plan may move the end
                     first = self.start_step if epoch == self.start_epoch else 0
                     seconds = self.run_epoch(epoch, first, on_step)
                     if self.end_epoch(epoch, seconds):
                         break
+                    epoch += 1
         finally:
+            self.trained_seconds = self.clock.seconds()
             self.records.close()
         return self.history
 
@@ -822,14 +837,13 @@ class Trainer:
             self.progress = EpochSums(self.device, self.train_set.unreadable if epoch == 0 else ())
         self.student.train()
         batches = train_batches(self.train_set, self.cfg, epoch, self.device, first, self.rank, self.world)
-        steps = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
-        bar = tqdm(batches, initial=first, total=steps, leave=False,
+        bar = tqdm(batches, initial=first, total=self.steps_in(epoch), leave=False,
                    desc=f"epoch {epoch + 1}/{self.epochs_to_run}", disable=self.quiet, dynamic_ncols=True)
         for step, (views, unreadable) in enumerate(bar, start=first):
-            if step == steps:  # the run's last step T was the previous one
+            if step >= self.steps_in(epoch):  # the run's last step T was the previous one
                 break
             self.train_one(epoch, step, views, unreadable, bar, on_step)
-            if step + 1 < steps and self.stop_here(epoch, step, bar):
+            if step + 1 < self.steps_in(epoch) and self.stop_here(epoch, step, bar):
                 break
         bar.close()
         return time.time() - t0
@@ -844,6 +858,8 @@ class Trainer:
         if on_step is not None:
             on_step(iteration, loss, stats)
         self.report_progress(bar, loss, stats, epoch, step)
+        if self.pace is not None and (iteration + 1) % Pace.EVERY == 0:
+            keep_pace(self, iteration + 1, bar)
         if iteration % self.record_every == 0:
             # the means over the processes: every process takes part, the first one writes
             values = all_reduce_mean(torch.stack([loss, stats["teacher_entropy"], stats["kl"],
@@ -881,9 +897,8 @@ class Trainer:
             if self.steps_done == 2:
                 self.warm_since = time.time()
             elif not self.quiet:
-                steps_left = self.total_steps - epoch * self.steps_per_epoch - step - 1
-                bar.write(time_estimate((time.time() - self.warm_since) / 3, steps_left, self.device,
-                                        self.bf16, self.cfg.data))
+                bar.write(progress_estimate(self, (time.time() - self.warm_since) / 3,
+                                            epoch * self.steps_per_epoch + step + 1))
         if step % 10 == 0:
             self.check_finite()
             bar.set_postfix(self.records.postfix(loss, stats))
@@ -952,7 +967,7 @@ class Trainer:
                 "progress": self.progress.state(),
                 # the backbone's dimensions, so the weights stay loadable if vit.ARCHS changes
                 "vit": dict(zip(("embed_dim", "depth", "num_heads"), vit.ARCHS[self.cfg.arch])),
-                "world_size": self.world, "rng": rng_state(self.device)}
+                "world_size": self.world, "rng": rng_state(self.device), "replans": self.replans}
 
     def save(self, epoch, step=0):
         """Check that the state is finite, then write it (first process only, atomically).
@@ -979,6 +994,8 @@ class Trainer:
         steps, changed = check_resumable(ck, self.cfg, self.world, self.checkpoint_path)
         if steps and not self.cfg.steps:  # a run whose length --time_limit planned
             self.plan(steps)
+        for done, total in ck.get("replans", []):  # and re-planned as it went
+            self.replan(done, total)
         if changed:
             settings_changed(self, ck, changed, log)
         self.load_state(ck)
@@ -1002,12 +1019,14 @@ class Trainer:
             self.progress = EpochSums.from_state(ck["progress"], self.device, self.rank)
         set_rng_state(ck["rng"], self.device)
 
-    def warm_start(self, log=print):
-        """--init_from: student and teacher (and the center, from a full checkpoint) out of a
-        file; the optimizer, the schedules and the position start afresh."""
-        self.center, what = checkpoint.warm_start(self.student, self.teacher, self.center, self.cfg.init_from)
-        if self.rank == 0:
-            log(f"started from {self.cfg.init_from}: {what}")
+
+def start_from_weights(trainer: Trainer, log=print):
+    """--init_from: student and teacher (and the center, from a full checkpoint) out of a file;
+    the optimizer, the schedules and the position start afresh."""
+    cfg = trainer.cfg
+    trainer.center, what = checkpoint.warm_start(trainer.student, trainer.teacher, trainer.center, cfg.init_from)
+    if trainer.rank == 0:
+        log(f"started from {cfg.init_from}: {what}")
 
 
 def settings_changed(trainer: Trainer, ck: dict, changed: list, log):
@@ -1137,7 +1156,7 @@ class EpochSums:
 def plan_to_time_limit(trainer: Trainer):
     """--time_limit: plan the trainer's T, the steps that fit in the minutes left at the measured
     speed (less 8 % for saves, records and a busy machine; never more than --epochs), and lay the
-    schedules over them."""
+    schedules over them; from then on Pace re-plans T from the speed the run keeps."""
     per_step = trainer.seconds_per_step()
     left = 60 * trainer.cfg.time_limit - trainer.clock.seconds()
     fit, epochs = int(0.92 * left / per_step), trainer.cfg.epochs * trainer.steps_per_epoch
@@ -1146,11 +1165,82 @@ def plan_to_time_limit(trainer: Trainer):
     if trainer.should_stop(0) == "signal":  # Ctrl-C or SIGTERM while timing: nothing to save yet
         raise KeyboardInterrupt
     trainer.plan(fit if fit < epochs else 0)  # 0: the epochs set T, and a resume may raise them
+    trainer.pace = Pace(60 * trainer.cfg.time_limit, 0, trainer.clock.seconds())
     trainer.log(f"--time_limit {trainer.cfg.time_limit:g} min: {per_step:.3f} s/step measured, so "
                 + (f"{fit} steps ({fit / trainer.steps_per_epoch:.1f} epochs of the data), the "
                    f"schedules laid over them (--steps {fit})" if fit < epochs else
                    f"all {trainer.cfg.epochs} epochs fit ({epochs} steps, about "
                    f"{epochs * per_step / 60:.0f} min)"))
+
+
+def warp_schedules(schedule: dict, done: int, total: int) -> dict:
+    """The schedules of a run re-planned after `done` iterations to `total` (T'): the first
+    `done` values as they were, and the rest of the old plan (to its last value, at T - 1) laid
+    over the new remaining iterations. No value jumps; the remaining schedule runs at
+    (T - 1 - t_0) / (T' - 1 - t_0) of its old pace. Numbers interpolate linearly, flags
+    (freeze_last_layer) take the nearest value."""
+    T = len(next(iter(schedule.values())))
+    t = torch.arange(done, total, dtype=torch.float64)
+    # $$s'(t) = s\big(t_0 + (t - t_0)\,\tfrac{T - 1 - t_0}{T' - 1 - t_0}\big), \quad t_0 \le t < T'$$
+    u = done + (t - done) * (T - 1 - done) / max(total - 1 - done, 1)
+    below = u.floor().long().clamp(max=T - 1)
+    above, w = (below + 1).clamp(max=T - 1), u - below
+    warped = {}
+    for name, s in schedule.items():
+        rest = s[u.round().long()] if s.dtype == torch.bool else s[below] + w.to(s.dtype) * (s[above] - s[below])
+        warped[name] = torch.cat([s[:done], rest])
+    return warped
+
+
+class Pace:
+    """--time_limit, kept while the run trains: the run's first plan comes from a few seconds of
+    timing (plan_to_time_limit), and the machine then runs at another speed. Every 10 steps the
+    end is projected from the seconds per step over the last few minutes; when it leaves the
+    last 2 % of the budget (98-100 %), T becomes the steps that end the run at 99 % and the rest
+    of the schedules is laid over them (warp_schedules), so that they still finish. Only the run
+    that made the plan re-plans it: a resumed run (whose clock starts afresh) keeps its plan."""
+
+    TARGET, TOLERANCE, EVERY = 0.99, 0.01, 10
+
+    def __init__(self, budget_seconds: float, done: int, seconds: float):
+        self.budget = budget_seconds
+        self.window = max(60.0, 0.05 * budget_seconds)  # seconds of steps the speed is taken over
+        self.samples = [(done, seconds)]  # (steps done, seconds of training), oldest first
+
+    def new_total(self, done: int, seconds: float, total: int, most: int) -> int | None:
+        """T' when the end projected from the recent speed left the last 2 % of the budget."""
+        self.samples.append((done, seconds))
+        while len(self.samples) > 2 and seconds - self.samples[1][1] >= self.window:
+            self.samples.pop(0)  # older than the window
+        first_done, first_seconds = self.samples[0]
+        if done - first_done < self.EVERY or seconds - first_seconds < self.window / 2:
+            return None  # too few steps since the start or the last re-plan to tell a speed
+        per_step = (seconds - first_seconds) / (done - first_done)
+        if abs(seconds + (total - done) * per_step - self.TARGET * self.budget) <= self.TOLERANCE * self.budget:
+            return None
+        fit = min(done + int((self.TARGET * self.budget - seconds) / per_step), most)
+        if min(total, fit) - done < self.EVERY:
+            return None  # the last steps: laying the rest over fewer would jump (the clock guards)
+        self.samples = [(done, seconds)]  # the next speed is the new plan's
+        self.per_step = per_step
+        return fit
+
+
+def keep_pace(trainer: Trainer, done: int, bar):
+    """Every Pace.EVERY steps of a planned run: re-plan T when the projected end drifted. The
+    processes agree on the seconds (the slowest's), so they take the same decision."""
+    seconds = float(all_reduce_max(torch.tensor(trainer.clock.seconds(), device=trainer.device)))
+    most = trainer.cfg.epochs * trainer.steps_per_epoch  # never more than --epochs, as the plan
+    total = trainer.pace.new_total(done, seconds, trainer.total_steps, most)
+    if total is None:
+        return
+    before = trainer.total_steps
+    trainer.replan(done, total)
+    bar.total = trainer.steps_in(done // trainer.steps_per_epoch)
+    with tqdm.external_write_mode():
+        trainer.log(f"--time_limit {trainer.cfg.time_limit:g} min: {trainer.pace.per_step:.3f} s/step "
+                    f"lately, so T = {total} steps (was {before}); the rest of the schedules is laid "
+                    f"over the {total - done} left")
 
 
 def measure_step_seconds(trainer: Trainer, warmup=3, seconds=8.0, most=60, least=5) -> float:
@@ -1161,8 +1251,8 @@ def measure_step_seconds(trainer: Trainer, warmup=3, seconds=8.0, most=60, least
     cfg, device = trainer.cfg, trainer.device
     student, teacher = build_networks(cfg, device)  # as fast as the run's, and apart
     optimizer = make_optimizer(cfg, student)
-    student_fn = trainer.wrapped(student, ddp=trainer.world > 1)
-    teacher_fn = trainer.wrapped(teacher, ddp=False)
+    student_fn = wrapped(student, trainer, ddp=trainer.world > 1)
+    teacher_fn = wrapped(teacher, trainer, ddp=False)
     center, at, scaler = trainer.center.clone(), trainer.scheduled(0), grad_scaler(trainer.dtype, device)
     views = itertools.chain.from_iterable(  # epochs 0, 1, ... of the data, for tiny data sets
         train_batches(trainer.train_set, cfg, e, device, 0, trainer.rank, trainer.world)
@@ -1184,27 +1274,28 @@ def measure_step_seconds(trainer: Trainer, warmup=3, seconds=8.0, most=60, least
 
 
 class Clock:
-    """Seconds of training since start(), evaluations left out: what --time_limit counts."""
+    """Seconds of training since start(), evaluations left out: what --time_limit counts.
+    `now` tells the time (the tests give it a fake one)."""
 
-    def __init__(self, minutes: float = 0.0):
-        self.limit = 60 * minutes  # seconds; 0: none
+    def __init__(self, minutes: float = 0.0, now=time.time):
+        self.limit, self.now = 60 * minutes, now  # seconds; 0: none
         self.start()
 
     def start(self, minutes: float | None = None):
         self.limit = self.limit if minutes is None else 60 * minutes
-        self.started, self.paused_seconds = time.time(), 0.0
+        self.started, self.paused_seconds = self.now(), 0.0
 
     def seconds(self) -> float:
-        return time.time() - self.started - self.paused_seconds
+        return self.now() - self.started - self.paused_seconds
 
     def out(self) -> bool:
         return bool(self.limit) and self.seconds() > self.limit
 
     @contextlib.contextmanager
     def paused(self):
-        t0 = time.time()
+        t0 = self.now()
         yield
-        self.paused_seconds += time.time() - t0
+        self.paused_seconds += self.now() - t0
 
 
 class StopSignals:
@@ -1276,7 +1367,7 @@ class SupervisedTrainer(Trainer):
                 "--supervised needs labelled images held in memory (shapes, objects, CIFAR-10, or a "
                 "folder of small images with train/<class>/)")
         self.supervised = Supervised(self.student.backbone, len(self.train_set.classes)).to(self.device)
-        self.student_fn = self.wrapped(self.supervised, ddp=self.world > 1)
+        self.student_fn = wrapped(self.supervised, self, ddp=self.world > 1)
         self.optimizer = make_optimizer(self.cfg, self.supervised)
 
     def update(self, views, at: dict, iteration: int):
@@ -1531,6 +1622,16 @@ def duration(minutes: float) -> str:
     return f"{minutes / 60 / 24:.1f} days"
 
 
+def progress_estimate(trainer: Trainer, seconds_per_step: float, done: int) -> str:
+    """The line after the first steps: of a --time_limit run, the budget and the plan it follows;
+    of any other, how long the rest takes (time_estimate)."""
+    cfg, left = trainer.cfg, trainer.total_steps - done
+    if trainer.pace is None:
+        return time_estimate(seconds_per_step, left, trainer.device, trainer.bf16, cfg.data)
+    return (f"about {seconds_per_step:.2f} s/step now; the plan: {trainer.total_steps} steps within "
+            f"--time_limit {cfg.time_limit:g} min, re-planned from the measured speed as the run goes")
+
+
 def time_estimate(seconds_per_step: float, steps_left: int, device, bf16: bool, data_name: str) -> str:
     """The line after the first steps: how long the rest takes, and on a CPU what is faster."""
     minutes = seconds_per_step * steps_left / 60
@@ -1746,7 +1847,7 @@ def run(cfg: Config, say) -> int:
         say(cpu_recipe_note(image_size, name, cfg.time_limit, cfg))
     start_notes(cfg, train_set, eval_set, say)
     if not trainer.resume(log=say) and cfg.init_from:
-        trainer.warm_start(log=say)
+        start_from_weights(trainer, log=say)
     project_on_cpu(trainer, image_size, say)
     if trainer.start_epoch * trainer.steps_per_epoch + trainer.start_step >= trainer.total_steps:
         say(f"already trained for {trainer.total_steps} steps; raise --epochs (or --steps) to train further")
@@ -1760,6 +1861,12 @@ def run(cfg: Config, say) -> int:
                     "\nstopped before any checkpoint was written: the same command starts the "
                     "run afresh")
             return 130
+    if trainer.pace is not None:
+        epoch, step = trainer.last_saved or (0, 0)
+        say(f"--time_limit {cfg.time_limit:g} min: trained {epoch * trainer.steps_per_epoch + step} of "
+            f"{trainer.total_steps} planned steps in "
+            f"{trainer.trained_seconds / 60:.1f} min (evaluations not counted)"
+            + (f", re-planned {len(trainer.replans)} time(s) from the measured speed" if trainer.replans else ""))
     if eval_set is not None:
         last = trainer.history[-1] if trainer.history else {}
         top1 = last["knn_top1"] if "knn_top1" in last else trainer.knn()

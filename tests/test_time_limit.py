@@ -158,3 +158,104 @@ def test_the_cpu_note_names_the_flags_of_the_full_recipe():
     parsed = vars(dino.build_parser(cpu_defaults).parse_args(flags))
     full = dino.config_from_dict({**dino.preset_for(32, "cifar10", budget=False)})
     assert dino.config_from_dict(parsed) == full
+
+
+# -- the plan follows the machine (Pace) --------------------------------------------------------------
+
+def test_warped_schedules_keep_the_past_end_at_the_last_value_and_never_jump():
+    """Brute force with numpy's interp: after t_0 the old plan's remaining positions
+    t_0 ... T-1 are laid over t_0 ... T'-1; the first t_0 values stay, the last is the old last,
+    and no step of the new schedule changes more than the old steepest step times the
+    stretch (T - 1 - t_0) / (T' - 1 - t_0)."""
+    cfg = dino.Config(epochs=10, warmup_epochs=2, warmup_teacher_temp_epochs=3, freeze_last_layer=1,
+                      batch_size=256, steps=200)
+    old = dino.schedules(cfg, steps_per_epoch=20)
+    for done, total in ((50, 330), (50, 120), (5, 60), (199, 260)):
+        new = dino.warp_schedules(old, done, total)
+        for name, s in old.items():
+            assert len(new[name]) == total
+            assert torch.equal(new[name][:done], s[:done]), name
+            assert new[name][-1] == s[-1], name
+        for name in ("lr", "wd", "momentum", "teacher_temp"):
+            s, positions = old[name].numpy(), done + (np.arange(done, total) - done) * (199 - done) / (total - 1 - done)
+            np.testing.assert_allclose(new[name][done:].numpy(), np.interp(positions, np.arange(200), s), rtol=1e-12)
+            stretch = max((199 - done) / (total - 1 - done), 1.0)
+            steepest = np.abs(np.diff(s)).max()
+            assert np.abs(np.diff(new[name].numpy())).max() <= stretch * steepest + 1e-15, name
+
+
+class FakeTime:
+    """The run's clock: each step advances it by `per_step(seconds so far)`."""
+
+    def __init__(self, per_step):
+        self.t, self.per_step = 1000.0, per_step
+
+    def __call__(self):
+        return self.t
+
+    def step(self, *_):
+        self.t += self.per_step(self.t - 1000.0)
+
+
+@pytest.mark.parametrize("after_half", [4.0, 1.0])
+def test_a_run_whose_steps_change_speed_halfway_still_ends_in_its_budget(tmp_path, monkeypatch, after_half):
+    """A 5-minute budget, 2 s/step measured at the start (so 138 steps planned, for 92 % of it);
+    halfway the steps take 4 s (or 1 s). The run re-plans, ends within the budget's last 2 %
+    (a step's seconds more or less), and its schedules reach their final values at its last step."""
+    budget = 5 * 60
+    cfg = tiny(tmp_path, time_limit=budget / 60, epochs=1000, log_every=1000)
+    trainer = dino.Trainer(cfg, data.make_shapes(64, seed=0, size=32), None, quiet=True)
+    fake = FakeTime(lambda seconds: 2.0 if seconds < budget / 2 else after_half)
+    trainer.clock = dino.Clock(cfg.time_limit, now=fake)
+    monkeypatch.setattr(trainer, "seconds_per_step", lambda: 2.0)
+    trained, said = [], []
+    trainer.fit(log=said.append, on_step=lambda i, *_: (trained.append(i), fake.step()))
+    T = trainer.total_steps
+    assert len(trainer.replans) >= 2 and trained == list(range(T)), said
+    assert 0.98 * budget - after_half <= trainer.trained_seconds <= budget, (trainer.trained_seconds, said)
+    assert not any("reached" in line for line in said)  # the clock never had to cut it short
+    peak = cfg.lr * cfg.batch_size / 256
+    last = trainer.scheduled(T - 1)
+    assert last["lr"] == pytest.approx(cfg.min_lr, abs=1e-3 * peak)
+    assert last["momentum"] == pytest.approx(1.0, abs=1e-4)
+    assert last["teacher_temp"] == pytest.approx(cfg.teacher_temp)
+    assert any(f"so T = {T} steps" in line for line in said)
+
+
+def test_a_re_planned_run_resumes_with_the_same_schedules(tmp_path, monkeypatch):
+    """Stopped after a re-plan, the same command rebuilds the re-planned schedules exactly (the
+    checkpoint keeps each (t_0, T')), and continues them without re-planning again."""
+    cfg = tiny(tmp_path, time_limit=2.0, epochs=1000, log_every=1000)
+    shapes = data.make_shapes(64, seed=0, size=32)
+    trainer = dino.Trainer(cfg, shapes, None, quiet=True)
+    fake = FakeTime(lambda seconds: 2.0 if seconds < 60 else 3.0)
+    trainer.clock = dino.Clock(cfg.time_limit, now=fake)
+    monkeypatch.setattr(trainer, "seconds_per_step", lambda: 2.0)
+    trainer.fit(log=lambda *_: None, stop_after=10, on_step=lambda *_: fake.step())  # 10 epochs of 4 steps
+    assert trainer.replans
+    again = dino.Trainer(tiny(tmp_path, time_limit=2.0, epochs=1000, log_every=1000), shapes, None, quiet=True)
+    assert again.resume(log=lambda *_: None) and again.replans == trainer.replans
+    for name in trainer.schedule:
+        assert torch.equal(again.schedule[name], trainer.schedule[name]), name
+    assert again.pace is None  # its clock starts afresh: it follows the plan as it stands
+
+
+def test_pace_keeps_the_last_steps_and_the_estimate_speaks_of_the_plan(tmp_path, monkeypatch):
+    """Hand-worked: 300 s budget, 2 s/step lately. At 250 s with 30 steps left the end is projected
+    at 310 s, so T' = done + (297 - 250) / 2 = done + 23; with 12 steps left the new rest would be
+    fewer than 10 steps, a jump in the schedules: no re-plan (the clock guards the end). After 5
+    steps, a --time_limit run's estimate names its plan, not a duration of its own."""
+    pace = dino.Pace(300, 0, 0.0)
+    assert pace.new_total(10, 20.0, 150, 10_000) is None  # 20 s: too short a span to tell a speed
+    pace = dino.Pace(300, 95, 190.0)
+    assert pace.new_total(125, 250.0, 155, 10_000) == 125 + 23 and pace.per_step == 2.0
+    pace = dino.Pace(300, 100, 200.0)
+    assert pace.new_total(125, 250.0, 148, 10_000) is None  # 296 s projected: in the last 2 %
+    pace = dino.Pace(300, 100, 200.0)
+    assert pace.new_total(125, 290.0, 137, 10_000) is None  # 3.6 s/step: 3 steps would fit
+    cfg = tiny(tmp_path, time_limit=5, epochs=1000)
+    trainer = dino.Trainer(cfg, data.make_shapes(64, seed=0, size=32), None, quiet=True)
+    monkeypatch.setattr(trainer, "seconds_per_step", lambda: 2.0)
+    dino.plan_to_time_limit(trainer)
+    line = dino.progress_estimate(trainer, 2.5, 5)
+    assert f"the plan: {trainer.total_steps} steps within --time_limit 5 min" in line and "remaining" not in line

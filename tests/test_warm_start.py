@@ -71,7 +71,7 @@ def test_the_authors_full_checkpoint_gives_the_first_step_of_the_same_weights_lo
     train = data.make_shapes(64, seed=0)
     trainer = dino.Trainer(cfg, train, None, quiet=True)
     messages = []
-    trainer.warm_start(log=messages.append)
+    dino.start_from_weights(trainer, log=messages.append)
     assert "backbones and heads, and the center" in messages[0]
     loss = first_loss(trainer)
 
@@ -101,7 +101,7 @@ def test_a_backbone_alone_starts_both_networks_and_this_projects_checkpoint_all(
     train = data.make_shapes(32, seed=0)
     fresh = dino.Trainer(tiny_config(tmp_path), train, None, quiet=True)
     trainer = dino.Trainer(tiny_config(tmp_path, init_from=str(tmp_path / "pretrain.pth")), train, None, quiet=True)
-    trainer.warm_start(log=lambda *_: None)
+    dino.start_from_weights(trainer, log=lambda *_: None)
     for network in (trainer.student, trainer.teacher):
         state = network.state_dict()
         assert all(torch.equal(state[k], v) for k, v in plain.items())
@@ -114,7 +114,7 @@ def test_a_backbone_alone_starts_both_networks_and_this_projects_checkpoint_all(
     saved = torch.load(trainer.checkpoint_path, weights_only=True)
     again = dino.Trainer(tiny_config(tmp_path, init_from=str(trainer.checkpoint_path),
                                      output_dir=str(tmp_path / "again")), train, None, quiet=True)
-    again.warm_start(log=lambda *_: None)
+    dino.start_from_weights(again, log=lambda *_: None)
     for network, role in ((again.student, "student"), (again.teacher, "teacher")):
         assert all(torch.equal(v, saved[role][k]) for k, v in network.state_dict().items())
     assert torch.equal(again.center, saved["center"]) and again.optimizer.state_dict()["state"] == {}
@@ -136,13 +136,13 @@ def test_mismatched_weights_are_one_line_errors_naming_the_tensor(tmp_path):
         trainer = dino.Trainer(tiny_config(tmp_path, init_from=str(tmp_path / "full.pth"), **changes),
                                train, None, quiet=True)
         with pytest.raises(data.DinoError, match=message):
-            trainer.warm_start(log=lambda *_: None)
+            dino.start_from_weights(trainer, log=lambda *_: None)
     del full["teacher"]["head.last_layer.weight_v"]
     torch.save(full, tmp_path / "cut.pth")
     trainer = dino.Trainer(tiny_config(tmp_path, init_from=str(tmp_path / "cut.pth")), train, None, quiet=True)
     with pytest.raises(data.DinoError, match=r"the teacher has no head.last_layer.parametrizations"
                                              r".weight.original1 \(1 tensor\(s\) missing\)"):
-        trainer.warm_start(log=lambda *_: None)
+        dino.start_from_weights(trainer, log=lambda *_: None)
     with pytest.raises(data.DinoError, match="--init_from must name an existing file"):
         dino.parse_config(["--init_from", str(tmp_path / "missing.pth")])
     # from the command line: the authors' ViT-S/16 into this project's default run (vit_nano/4)
