@@ -1632,6 +1632,15 @@ def progress_estimate(trainer: Trainer, seconds_per_step: float, done: int) -> s
             f"--time_limit {cfg.time_limit:g} min, re-planned from the measured speed as the run goes")
 
 
+def time_used(trainer: Trainer) -> str:
+    """The end line of a --time_limit run that planned itself: steps and minutes trained."""
+    epoch, step = trainer.last_saved or (0, 0)  # a finished run's: the end of its last epoch
+    done = min(epoch * trainer.steps_per_epoch + step, trainer.total_steps)
+    return (f"--time_limit {trainer.cfg.time_limit:g} min: trained {done} of {trainer.total_steps} planned "
+            f"steps in {trainer.trained_seconds / 60:.1f} min (evaluations not counted)"
+            + (f", re-planned {len(trainer.replans)} time(s) from the speed" if trainer.replans else ""))
+
+
 def time_estimate(seconds_per_step: float, steps_left: int, device, bf16: bool, data_name: str) -> str:
     """The line after the first steps: how long the rest takes, and on a CPU what is faster."""
     minutes = seconds_per_step * steps_left / 60
@@ -1862,11 +1871,7 @@ def run(cfg: Config, say) -> int:
                     "run afresh")
             return 130
     if trainer.pace is not None:
-        epoch, step = trainer.last_saved or (0, 0)
-        say(f"--time_limit {cfg.time_limit:g} min: trained {epoch * trainer.steps_per_epoch + step} of "
-            f"{trainer.total_steps} planned steps in "
-            f"{trainer.trained_seconds / 60:.1f} min (evaluations not counted)"
-            + (f", re-planned {len(trainer.replans)} time(s) from the measured speed" if trainer.replans else ""))
+        say(time_used(trainer))
     if eval_set is not None:
         last = trainer.history[-1] if trainer.history else {}
         top1 = last["knn_top1"] if "knn_top1" in last else trainer.knn()

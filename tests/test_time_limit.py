@@ -220,6 +220,7 @@ def test_a_run_whose_steps_change_speed_halfway_still_ends_in_its_budget(tmp_pat
     assert last["momentum"] == pytest.approx(1.0, abs=1e-4)
     assert last["teacher_temp"] == pytest.approx(cfg.teacher_temp)
     assert any(f"so T = {T} steps" in line for line in said)
+    assert f"trained {T} of {T} planned steps in {trainer.trained_seconds / 60:.1f} min" in dino.time_used(trainer)
 
 
 def test_a_re_planned_run_resumes_with_the_same_schedules(tmp_path, monkeypatch):
