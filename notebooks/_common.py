@@ -7,6 +7,7 @@ what each step returns.
 
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -40,7 +41,8 @@ if FAST:  # 120 steps of 16 colour images, 2 global views only (notebook 02 says
 
 
 def make_trainer(train, evaluation, **change) -> dino.Trainer:
-    """A Trainer for BASE with `change`, writing its checkpoint and log to a fresh temporary folder."""
+    """A Trainer for BASE with `change`, writing its checkpoint and log to a fresh temporary folder
+    (record() removes it when the run is done)."""
     output_dir = tempfile.mkdtemp(prefix="dino_notebook_")
     cfg = dino.make_config({**BASE, **change, "output_dir": output_dir}, image_size=32, name="shapes")
     return dino.Trainer(cfg, train, evaluation, quiet=True)
@@ -57,6 +59,7 @@ def record(trainer: dino.Trainer) -> dict:
 
     started = time.time()
     history = trainer.fit(log=lambda *_: None, on_step=keep)
+    shutil.rmtree(trainer.cfg.output_dir, ignore_errors=True)  # scratch: the trainer stays in memory
     result = dict(steps, log_K=math.log(trainer.cfg.out_dim), seconds=time.time() - started)
     if "knn_top1" in history[-1]:
         result["knn_top1"] = history[-1]["knn_top1"]
