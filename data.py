@@ -695,10 +695,22 @@ def masked_images(path: str) -> ImageSet | None:
 
 def require_mask_fits(mask, mask_size: tuple, image, image_size: tuple):
     """The one check of a mask against its image, for masks in memory and as files alike;
-    sizes as (width, height), the image's as read_rgb turns it upright."""
-    require(tuple(mask_size) == tuple(image_size),
-            f"mask {mask} is {mask_size[0]}x{mask_size[1]} px, its image {image} "
-            f"{image_size[0]}x{image_size[1]} px; a mask must have its image's size")
+    sizes as (width, height), the image's as read_rgb turns it upright. A mask of the image's
+    shape at another resolution fits (fit_mask resizes it): scaled to the image's width or
+    height, its other side is the image's within one of the mask's pixels."""
+    (w, h), (W, H) = mask_size, image_size
+    same_shape = abs(h * W / w - H) <= W / w + 0.5 or abs(w * H / h - W) <= H / h + 0.5
+    require(same_shape, f"mask {mask} is {w}x{h} px, its image {image} {W}x{H} px; a mask must "
+                        f"have its image's size, or its shape at another resolution")
+
+
+def fit_mask(labels: torch.Tensor, image_size: tuple) -> torch.Tensor:
+    """A mask (H, W) at its image's (width, height): resized with nearest neighbour (labels stay
+    labels) where it was drawn at another resolution (require_mask_fits allows that)."""
+    W, H = image_size
+    if tuple(labels.shape) == (H, W):
+        return labels
+    return F.interpolate(labels[None, None].float(), size=(H, W), mode="nearest")[0, 0].to(labels.dtype)
 
 
 VOID = 255  # in a palette mask, pixels scored by no measure (PASCAL VOC's object outlines)
@@ -749,7 +761,7 @@ def hold_in_memory(data: ImageSet, max_side: int = 64, max_bytes: int = 4 * 2 **
         masks = [read_labels(data.mask_files[i]) for i in keep]
         for i, m in zip(keep, masks):
             require_mask_fits(data.mask_files[i], m.shape[::-1], data.files[i], images[i].size)
-        masks = torch.stack(masks)  # (n, H, W)
+        masks = torch.stack([fit_mask(m, images[i].size) for i, m in zip(keep, masks)])  # (n, H, W)
     return ImageSet(labels=data.labels[keep], classes=data.classes, files=[data.files[i] for i in keep],
                     images=torch.stack([pil_to_tensor(images[i]) for i in keep]),  # (n, 3, H, W)
                     unreadable=data.unreadable + [data.files[i] for i, im in enumerate(images) if im is None],
@@ -926,8 +938,14 @@ def mask_batches(data: ImageSet, size: int, batch_size: int = 256):
     cut = transforms.Compose([transforms.Resize(resize, interpolation=transforms.InterpolationMode.NEAREST),
                               transforms.CenterCrop(size)])
     numbered = dataclasses.replace(data, labels=torch.arange(len(data)))
+
+    def mask(i):  # at its image's size, then cut as the image is
+        with open_image(data.files[i]) as im:
+            image_size = displayed_size(im)
+        return cut(fit_mask(read_labels(data.mask_files[i]), image_size)[None])[0]
+
     for x, index in eval_batches(numbered, size, batch_size):
-        yield x, torch.stack([cut(read_labels(data.mask_files[i])[None])[0] for i in index.tolist()])
+        yield x, torch.stack([mask(i) for i in index.tolist()])
 
 
 class _EvalFolder(torch.utils.data.Dataset):

@@ -660,6 +660,7 @@ def run_attention(args):
         if isinstance(mask, Path):
             path, mask = mask, data.read_mask(mask)
             data.require_mask_fits(path, mask.shape[::-1], name, image.shape[:-3:-1])
+            mask = data.fit_mask(mask, image.shape[:-3:-1])
         if to_tokens:
             image, mask, cut = cut_to_tokens(image, p, size, mask)
             if cut:

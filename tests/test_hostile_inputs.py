@@ -274,19 +274,29 @@ def test_matching_features_still_evaluate(tmp_path):
 
 @pytest.mark.parametrize("side", [32, 80], ids=["held in memory", "read from files"])
 def test_masks_of_the_wrong_size_are_refused_on_both_paths(tmp_path, side):
+    """A mask of another shape is refused; one of the image's shape at another resolution (the
+    Weizmann horses' masks are) is resized to the image: its measures equal the full-size mask's."""
     for split in ("train", "val"):
         for c in ("a", "b"):
             write_png(tmp_path / split / c / "0.png", size=(side, side))
             if split == "val":
-                write_png(tmp_path / "masks" / split / c / "0.png", size=(side // 2, side // 2))
-    pattern = (fr"mask .*masks/val/a/0.png is {side // 2}x{side // 2} px, its image .*val/a/0.png "
-               fr"{side}x{side} px; a mask must have its image's size")
+                write_png(tmp_path / "masks" / split / c / "0.png", size=(side // 2, side // 4))
+    pattern = (fr"mask .*masks/val/a/0.png is {side // 2}x{side // 4} px, its image .*val/a/0.png "
+               fr"{side}x{side} px; a mask must have its image's size, or its shape at another resolution")
     with pytest.raises(data.DinoError, match=pattern):
         data.load_data(str(tmp_path))
-    for c in ("a", "b"):  # right-sized masks load
-        write_png(tmp_path / "masks" / "val" / c / "0.png", size=(side, side))
-    _, _, val = data.load_data(str(tmp_path))
-    assert (val.masks if side <= 64 else val.mask_files) is not None
+    batches = {}
+    for half in (None, "a"):  # full size, then a's at half the resolution: the same masks
+        for c in ("a", "b"):
+            mask_side = side // 2 if c == half else side
+            mask = Image.new("L", (mask_side, mask_side), 0)
+            mask.paste(255, (0, 0, mask_side // 2, mask_side))  # the left half is the object
+            (tmp_path / "masks" / "val" / c / "0.png").parent.mkdir(parents=True, exist_ok=True)
+            mask.save(tmp_path / "masks" / "val" / c / "0.png")
+        _, _, val = data.load_data(str(tmp_path))
+        assert (val.masks if side <= 64 else val.mask_files) is not None
+        batches[half] = torch.cat([m for _, m in data.mask_batches(val, 32)])
+    assert torch.equal(batches[None], batches["a"]) and batches[None][:, :, :16].all()
 
 
 # -- 6. EXIF orientation ---------------------------------------------------------------------------
