@@ -758,10 +758,12 @@ def hold_in_memory(data: ImageSet, max_side: int = 64, max_bytes: int = 4 * 2 **
     keep = [i for i, im in enumerate(images) if im is not None]
     masks = None
     if data.mask_files is not None:
-        masks = [read_labels(data.mask_files[i]) for i in keep]
-        for i, m in zip(keep, masks):
+        fitted = []
+        for i in keep:
+            m = read_labels(data.mask_files[i])
             require_mask_fits(data.mask_files[i], m.shape[::-1], data.files[i], images[i].size)
-        masks = torch.stack([fit_mask(m, images[i].size) for i, m in zip(keep, masks)])  # (n, H, W)
+            fitted.append(fit_mask(m, images[i].size))
+        masks = torch.stack(fitted)  # (n, H, W)
     return ImageSet(labels=data.labels[keep], classes=data.classes, files=[data.files[i] for i in keep],
                     images=torch.stack([pil_to_tensor(images[i]) for i in keep]),  # (n, 3, H, W)
                     unreadable=data.unreadable + [data.files[i] for i, im in enumerate(images) if im is None],
