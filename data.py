@@ -391,7 +391,72 @@ def draw_objects(n: int, generator: torch.Generator, size: int):
     return img.expand(-1, 3, -1, -1).to(torch.uint8).contiguous(), label, masks
 
 
-BUILT_IN = {"shapes": make_shapes, "objects": make_objects}  # --data names of the generated sets
+def make_silhouettes(n: int, seed: int, size: int = OBJECTS_SIZE) -> ImageSet:
+    """The built-in set whose classes are shapes: one silhouette of the 8 SHAPES per image, filled
+    flat at a fixed dark gray, on fine clutter at a fixed amplitude, with the object's mask.
+
+    Designed, before any attention was measured on it, so that nothing but the object's outline
+    tells the class or the image (docs/segmentation.md, "The silhouettes set"):
+    - the class is the shape, at a random place, rotation, size, stretch and warp; every shape
+      is scaled to the drawn area, so the size says nothing of the class, and the fill is one
+      flat gray, so a patch inside the object looks the same in every image of every class;
+    - the background is grain of about 2 px (finer than a patch) at one amplitude around one
+      level: no per-image level, amplitude or low-frequency layout that the views of one image
+      share and other images lack (what DINO matched views by on `objects`);
+    - the object covers 15-30 % of the frame (a PASCAL VOC object's share), its centre in the
+      middle 30 % of each side, so a global crop (40-100 % of the image) usually holds it.
+    Gray, as `shapes`. Deterministic for a seed; drawn 1000 images at a time.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    parts = [draw_silhouettes(min(1000, n - start), generator, size) for start in range(0, n, 1000)]
+    return ImageSet(labels=torch.cat([p[1] for p in parts]), classes=list(SHAPES),
+                    images=torch.cat([p[0] for p in parts]), masks=torch.cat([p[2] for p in parts]))
+
+
+def shape_area(shape: str, grid: int = 512) -> float:
+    """The area of shape_mask in its own frame (radius 1), counted on a grid over [-1.2, 1.2]²."""
+    t = (torch.arange(grid) + 0.5) / grid * 2.4 - 1.2
+    return shape_mask(shape, t[None, :], t[:, None]).float().mean().item() * 2.4 ** 2
+
+
+def draw_silhouettes(n: int, generator: torch.Generator, size: int):
+    u01 = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
+    label = torch.randint(len(SHAPES), (n,), generator=generator)
+    ss = 2 * size  # draw at twice the size, then average 2x2 pixels (anti-aliasing)
+    coords = (torch.arange(ss) + 0.5) / ss  # pixel centres in [0, 1]
+    y, x = coords[:, None], coords[None, :]
+    # the pose: centre (c_x, c_y), area A (share of the frame), stretch e, rotation θ; the
+    # shape's radius r scales its unit area a_k to A: r = sqrt(A / a_k)
+    cx, cy = 0.35 + 0.3 * u01(n, 1, 1), 0.35 + 0.3 * u01(n, 1, 1)
+    area = 0.15 + 0.15 * u01(n, 1, 1)
+    stretch = 0.8 + 0.45 * u01(n, 1, 1)
+    rot = u01(n, 1, 1) * 2 * math.pi
+    unit_area = torch.tensor([shape_area(s) for s in SHAPES])[label].view(n, 1, 1)
+    radius = (area / unit_area).sqrt()
+    du, dv = x - cx, y - cy
+    u = (du * torch.cos(rot) + dv * torch.sin(rot)) / (radius * stretch.sqrt())
+    v = (-du * torch.sin(rot) + dv * torch.cos(rot)) * stretch.sqrt() / radius
+    # the warp: each frame coordinate bent by a slow wave of the other, u ← u + w sin(2v + p)
+    w, phase = 0.1 * u01(n, 2, 1, 1), 2 * math.pi * u01(n, 2, 1, 1)
+    u, v = u + w[:, 0] * torch.sin(2 * v + phase[:, 0]), v + w[:, 1] * torch.sin(2 * u + phase[:, 1])
+    inside = torch.zeros(n, 1, ss, ss)
+    for k in range(len(SHAPES)):
+        i = label == k
+        inside[i] = shape_mask(SHAPES[k], u[i], v[i]).unsqueeze(1).float()
+    # the background: grain of 2 px (noise drawn at half the size, upsampled), one level and one
+    # amplitude for every image; the object: one flat gray, 0.35 below the background's level
+    grain = F.interpolate(torch.randn(n, 1, size // 2, size // 2, generator=generator),
+                          size=(ss, ss), mode="bilinear", align_corners=False)
+    level, amplitude, fill = 0.6, 0.12, 0.25
+    img = inside * fill + (1 - inside) * (level + amplitude * grain / grain.std())
+    img = img + 0.03 * torch.randn(img.shape, generator=generator)  # sensor noise
+    img = (F.avg_pool2d(img, 2).clamp(0, 1) * 255).round()  # (n, 1, size, size)
+    masks = F.avg_pool2d(inside, 2)[:, 0] >= 0.5  # (n, size, size): pixels at least half object
+    return img.expand(-1, 3, -1, -1).to(torch.uint8).contiguous(), label, masks
+
+
+BUILT_IN = {"shapes": make_shapes, "objects": make_objects,  # --data names of the generated sets
+            "silhouettes": make_silhouettes}
 
 
 class ArrayUnpickler(pickle.Unpickler):
@@ -611,8 +676,8 @@ def labelled_beside(root: Path) -> list[Path]:
 def peek(path: str) -> tuple[str, int]:
     """(name, typical image side) of a --data value without loading it: what the preset needs."""
     name, kind, root = locate(path)
-    if kind in ("shapes", "objects", "cifar10"):
-        return name, OBJECTS_SIZE if kind == "objects" else 32
+    if kind in ("shapes", "objects", "silhouettes", "cifar10"):
+        return name, OBJECTS_SIZE if kind in ("objects", "silhouettes") else 32
     if kind == "images":
         return name, probe_image_size(scan_images(root, tuple(labelled_beside(root))))
     return name, probe_image_size(scan_folder(root if kind == "classes" else root / "train"))

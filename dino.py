@@ -59,7 +59,7 @@ def flag(default, help: str, valid=None):
 
 @dataclasses.dataclass
 class Config:
-    data: str = flag("shapes", "'shapes' or 'objects' (built in), a CIFAR-10 folder, an image folder (train/"
+    data: str = flag("shapes", "'shapes', 'objects' or 'silhouettes' (built in), a CIFAR-10 folder, an image folder (train/"
                                "<class>/ and val/ or test/), or any folder of images (no labels)")
     output_dir: str = flag("", "where checkpoint.pth, config.json and the logs go (default: runs/<data name>)")
     # backbone
@@ -476,7 +476,7 @@ def preset_for(image_size: int, name: str, gpu: bool = False, budget: bool = Tru
                   global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25),
                   arch="vit_tiny", out_dim=4096, hidden_dim=2048, bottleneck_dim=256,
                   local_crops_number=6, batch_size=512 if gpu else 256, epochs=100)
-    if name in ("shapes", "objects"):
+    if name in data.BUILT_IN:
         # The built-in sets: a model and schedule sized for ~4 minutes on a 2-core CPU (4 epochs of
         # 312 steps). Where we knowingly differ from the authors' ViT recipe, for runs this short
         # (the measurements: docs/experiments.md, "Built-in presets"):
@@ -492,7 +492,7 @@ def preset_for(image_size: int, name: str, gpu: bool = False, budget: bool = Tru
                       teacher_temp=0.04, warmup_teacher_temp_epochs=0, momentum_teacher=0.98,
                       lr=0.008, min_lr=0.0005, use_bn_in_head=True, drop_path_rate=0.0,
                       weight_decay_end=0.1)
-        if name == "objects":  # 64 px images (data.OBJECTS_SIZE): 8 px patches keep the 8 x 8 grid;
+        if name in ("objects", "silhouettes"):  # 64 px (data.OBJECTS_SIZE): 8 px patches keep 8 x 8;
             # the paper's crop scales, so most global crops hold the object; τ_t = 0.02: at 0.04
             # the teacher drifted to the uniform collapse on one seed in three
             preset.update(patch_size=8, global_crops_size=64, local_crops_size=32,

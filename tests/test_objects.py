@@ -173,6 +173,31 @@ def test_objects_are_deterministic_and_the_background_ignores_the_class():
     assert class_means.std() < 0.2 * within.mean()
 
 
+def test_silhouettes_tell_the_class_by_the_outline_only():
+    d = data.make_silhouettes(400, seed=5)
+    S = data.OBJECTS_SIZE
+    assert d.images.shape == (400, 3, S, S) and d.masks.shape == (400, S, S)
+    assert torch.equal(d.images, data.make_silhouettes(400, seed=5).images)
+    g = d.images[:, 0].float() / 255
+    # the mask is the flat fill: inside an eroded mask every pixel is the fill plus sensor noise
+    # (0.25 ± 0.03), outside it the grain around 0.6; a mask of another image (or shifted) mixes them
+    eroded = -torch.nn.functional.max_pool2d(-d.masks[:, None].float(), 3, 1, 1)[:, 0] > 0
+    assert (g[eroded] - 0.25).abs().mean() < 0.03 and (g[~d.masks] - 0.6).abs().mean() > 0.05
+    assert (g[~d.masks] - 0.6).mean().abs() < 0.01
+    # no per-image cue: the background's level and amplitude are the same in every image, and
+    # the object's share of the frame is the same for every class (15-30 %)
+    outside = ~d.masks
+    level = (g * outside).sum((1, 2)) / outside.sum((1, 2))
+    spread = (((g - level[:, None, None]) ** 2 * outside).sum((1, 2)) / outside.sum((1, 2))).sqrt()
+    assert level.std() < 0.01 and spread.std() < 0.1 * spread.mean()
+    share = d.masks.float().mean((1, 2))
+    assert share.min() > 0.13 and share.max() < 0.33
+    class_share = torch.stack([share[d.labels == k].mean() for k in range(len(data.SHAPES))])
+    assert class_share.std() < 0.3 * share.std()
+    name, size = data.peek("silhouettes")
+    assert size == S and dino.make_config({}, S, "silhouettes").patch_size == 8
+
+
 def test_load_data_gives_objects_with_masks_on_both_splits(monkeypatch):
     drawn = []
     monkeypatch.setitem(data.BUILT_IN, "objects",  # 1 % of the images, for speed
