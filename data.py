@@ -2,7 +2,7 @@
 
 dino.py, knn_eval.py and visualize.py all import this module, and it imports none of them:
   1. errors for bad input, the one seed rule, devices, peak memory
-  2. data sets: the built-in `shapes` and `objects` (with masks), CIFAR-10 (python-pickle layout),
+  2. data sets: the built-in `shapes`, `objects` and `silhouettes` (with masks), CIFAR-10 (pickles),
      image folders (with masks/ for the evaluation images, optionally)
   3. feeding images: folders cropped per image in workers, centre views for evaluation
 The pixel operations of the augmentations live in augment.py, checkpoint files in checkpoint.py.
