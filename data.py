@@ -349,22 +349,34 @@ def make_objects(n: int, seed: int, size: int = OBJECTS_SIZE) -> ImageSet:
                     images=torch.cat([p[0] for p in parts]), masks=torch.cat([p[2] for p in parts]))
 
 
+def posed_frame(n: int, generator: torch.Generator, ss: int, centre: tuple, area: tuple,
+                stretch: tuple, unit_area):
+    """Each image's object frame (u, v), (n, ss, ss) over the ss-px pixel centres: a centre (c_x, c_y)
+    drawn in [low, low + span) of each side (centre = (low, span)), an area A (share of the frame),
+    a stretch e and a rotation θ; the radius r = sqrt(A / a) scales a shape of unit area a to A:
+    u = R_θ(x − c)_1 / (r √e), v = R_θ(x − c)_2 √e / r."""
+    u01 = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
+    coords = (torch.arange(ss) + 0.5) / ss  # pixel centres in [0, 1]
+    y, x = coords[:, None], coords[None, :]
+    cx, cy = centre[0] + centre[1] * u01(n, 1, 1), centre[0] + centre[1] * u01(n, 1, 1)
+    a = area[0] + area[1] * u01(n, 1, 1)
+    e = stretch[0] + stretch[1] * u01(n, 1, 1)
+    rot = u01(n, 1, 1) * 2 * math.pi
+    radius = (a / unit_area).sqrt()
+    du, dv = x - cx, y - cy
+    u = (du * torch.cos(rot) + dv * torch.sin(rot)) / (radius * e.sqrt())
+    v = (-du * torch.sin(rot) + dv * torch.cos(rot)) * e.sqrt() / radius
+    return u, v
+
+
 def draw_objects(n: int, generator: torch.Generator, size: int):
     u01 = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
     label = torch.randint(len(SHAPES), (n,), generator=generator)
     ss = 2 * size  # draw at twice the size, then average 2x2 pixels (anti-aliasing)
-    coords = (torch.arange(ss) + 0.5) / ss  # pixel centres in [0, 1]
-    y, x = coords[:, None], coords[None, :]
-    # the silhouette: centre (c_x, c_y), area A (share of the frame), elongation e, rotation,
+    # the silhouette: a disk's frame posed at random (centre, area 20-45 %, elongation, rotation),
     # and a radius that wobbles with the angle φ: ρ(φ) = 1 + w_2 cos(2φ + p_2) + w_3 cos(3φ + p_3)
-    cx, cy = 0.3 + 0.4 * u01(n, 1, 1), 0.3 + 0.4 * u01(n, 1, 1)
-    area = 0.2 + 0.25 * u01(n, 1, 1)
-    elong = 0.7 + 0.6 * u01(n, 1, 1)
-    rot = u01(n, 1, 1) * 2 * math.pi
-    radius = (area / math.pi).sqrt()  # of a disk of area A
-    du, dv = x - cx, y - cy
-    u = (du * torch.cos(rot) + dv * torch.sin(rot)) / (radius * elong.sqrt())
-    v = (-du * torch.sin(rot) + dv * torch.cos(rot)) * elong.sqrt() / radius
+    u, v = posed_frame(n, generator, ss, centre=(0.3, 0.4), area=(0.2, 0.25), stretch=(0.7, 0.6),
+                       unit_area=math.pi)
     phi = torch.atan2(v, u)
     w, phase = 0.12 * u01(n, 2, 1, 1), 2 * math.pi * u01(n, 2, 1, 1)
     rho = 1 + w[:, 0] * torch.cos(2 * phi + phase[:, 0]) + w[:, 1] * torch.cos(3 * phi + phase[:, 1])
@@ -423,19 +435,11 @@ def draw_silhouettes(n: int, generator: torch.Generator, size: int):
     u01 = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
     label = torch.randint(len(SHAPES), (n,), generator=generator)
     ss = 2 * size  # draw at twice the size, then average 2x2 pixels (anti-aliasing)
-    coords = (torch.arange(ss) + 0.5) / ss  # pixel centres in [0, 1]
-    y, x = coords[:, None], coords[None, :]
-    # the pose: centre (c_x, c_y), area A (share of the frame), stretch e, rotation θ; the
-    # shape's radius r scales its unit area a_k to A: r = sqrt(A / a_k)
-    cx, cy = 0.35 + 0.3 * u01(n, 1, 1), 0.35 + 0.3 * u01(n, 1, 1)
-    area = 0.15 + 0.15 * u01(n, 1, 1)
-    stretch = 0.8 + 0.45 * u01(n, 1, 1)
-    rot = u01(n, 1, 1) * 2 * math.pi
+    # the pose: centre in the middle 30 %, area 15-30 %, stretch 0.8-1.25; each shape's unit area
+    # a_k scaled to the drawn area
     unit_area = torch.tensor([shape_area(s) for s in SHAPES])[label].view(n, 1, 1)
-    radius = (area / unit_area).sqrt()
-    du, dv = x - cx, y - cy
-    u = (du * torch.cos(rot) + dv * torch.sin(rot)) / (radius * stretch.sqrt())
-    v = (-du * torch.sin(rot) + dv * torch.cos(rot)) * stretch.sqrt() / radius
+    u, v = posed_frame(n, generator, ss, centre=(0.35, 0.3), area=(0.15, 0.15), stretch=(0.8, 0.45),
+                       unit_area=unit_area)
     # the warp: each frame coordinate bent by a slow wave of the other, u ← u + w sin(2v + p)
     w, phase = 0.1 * u01(n, 2, 1, 1), 2 * math.pi * u01(n, 2, 1, 1)
     u, v = u + w[:, 0] * torch.sin(2 * v + phase[:, 0]), v + w[:, 1] * torch.sin(2 * u + phase[:, 1])
