@@ -400,16 +400,15 @@ def curves_figure(records: list[dict], title: str = "", path=None, steps: list[d
 
 def knn_minutes_figure(runs: dict, baselines: dict = (), title: str = "", path=None) -> Figure:
     """k-NN top-1 against minutes of training (log.jsonl's epoch seconds, summed; evaluation not
-    counted), one line per run ({label: epoch records}), baselines ({label: top-1}) dashed."""
+    counted), one line per run ({label: epoch records}), baselines ({label: top-1}) dashed. Each
+    run's final k-NN is in the legend: runs that end level would overlap labels drawn at the ends."""
     fig = Figure(figsize=(6.4, 4), dpi=100, layout="constrained")
     ax = fig.subplots()
     for label, records in runs.items():
         minutes = itertools.accumulate(r["seconds"] / 60 for r in records)
         points = [(m, r["knn_top1"]) for m, r in zip(minutes, records) if "knn_top1" in r]
         require(points, f"{label}: no k-NN in its log.jsonl (dino.py --knn_every N)")
-        ax.plot(*zip(*points), "o-", markersize=4, label=label)
-        ax.annotate(f"{points[-1][1]:.1f}%", points[-1], textcoords="offset points", xytext=(4, -10),
-                    fontsize=8)
+        ax.plot(*zip(*points), "o-", markersize=4, label=f"{label}: {points[-1][1]:.2f}% at the end")
     for (label, top1), color in zip(dict(baselines).items(), ("tab:gray", "tab:red", "tab:purple")):
         ax.axhline(top1, ls="--", lw=1, color=color, label=f"{label}: {top1:.1f}%")
     ax.set_xlabel("minutes of training")

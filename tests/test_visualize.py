@@ -218,6 +218,21 @@ def test_curves_figure_returns_a_figure_with_the_entropy_bounds(run_dir):
     assert levels == pytest.approx([0.0, records[-1]["log_K"]])
 
 
+def test_knn_minutes_puts_each_run_at_its_training_minutes_with_its_final_top1_in_the_legend():
+    # hand-worked: epochs of 60, 120 and 90 s, the k-NN after epochs 2 and 3, so the points are at
+    # 3 and 4.5 minutes of training; a second run evaluated once, after 30 s
+    runs = {"a": [dict(seconds=60.0), dict(seconds=120.0, knn_top1=40.0), dict(seconds=90.0, knn_top1=45.5)],
+            "b": [dict(seconds=30.0, knn_top1=12.25)]}
+    fig = visualize.knn_minutes_figure(runs, {"raw pixels": 45.8})
+    ax = fig.axes[0]
+    a, b, pixels = ax.get_lines()
+    assert list(a.get_xdata()) == pytest.approx([3.0, 4.5]) and list(a.get_ydata()) == [40.0, 45.5]
+    assert list(b.get_xdata()) == pytest.approx([0.5]) and list(b.get_ydata()) == [12.25]
+    assert list(pixels.get_ydata()) == [45.8, 45.8]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["a: 45.50% at the end", "b: 12.25% at the end", "raw pixels: 45.8%"]
+
+
 # ---- bad input: one line on stderr, no traceback -------------------------------------------------
 
 def run_cli(*args):
