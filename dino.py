@@ -1042,7 +1042,7 @@ def settings_changed(trainer: Trainer, ck: dict, changed: list, log):
             f"{'; '.join(changed)}): train into a new --output_dir, or pass --resume to continue it anyway")
     if trainer.rank == 0:
         log(f"warning: resumed with changed settings: {'; '.join(changed)} (the checkpoint's "
-            f"values are replaced by these)")
+            f"values are replaced by these; a new --output_dir starts afresh)")
 
 
 def last_good_state(path, last_saved) -> str:

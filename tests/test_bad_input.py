@@ -175,6 +175,7 @@ def test_warnings_for_a_run_that_never_leaves_warm_up_and_for_changed_settings(t
     said = capsys.readouterr().out
     lr = dino.CPU_RECIPE["lr"]  # small images on a CPU: the one-hour recipe
     assert f"warning: resumed with changed settings: lr {lr} → 0.001; seed 0 → 1" in said, said
+    assert "a new --output_dir starts afresh" in said  # how not to resume, where the warning is
     assert "epochs" not in said.split("changed settings")[1].split("\n")[0]  # raising --epochs is how a run goes on
 
 
