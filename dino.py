@@ -494,11 +494,10 @@ def preset_for(image_size: int, name: str, gpu: bool = False, budget: bool = Tru
                       lr=0.008, min_lr=0.0005, use_bn_in_head=True, drop_path_rate=0.0,
                       weight_decay_end=0.1)
         if name in ("objects", "silhouettes"):  # 64 px (data.OBJECTS_SIZE): 8 px patches keep 8 x 8;
-            # the paper's crop scales, so most global crops hold the object; τ_t = 0.02: at 0.04
-            # the teacher drifted to the uniform collapse on one seed in three (on silhouettes, on
-            # every seed: docs/segmentation.md, where 0.04 was measured, chosen by k-NN)
+            # the paper's crop scales (the defaults), so most global crops hold the object;
+            # τ_t = 0.02: at 0.04 the teacher drifted to the uniform collapse on one seed in three
+            # (on silhouettes, on every seed: docs/segmentation.md, where 0.04 was measured, chosen by k-NN)
             preset.update(patch_size=8, global_crops_size=64, local_crops_size=32,
-                          global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4),
                           teacher_temp=0.02, warmup_teacher_temp=0.02)
         else:  # shapes: crops of 25-100 % and 5-25 % of the image, which its runs were measured
             # with (CIFAR-10 does better with the paper's scales, above; not re-measured here)
